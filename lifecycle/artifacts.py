@@ -1,0 +1,153 @@
+"""What stages hand each other: small, frozen, JSON-serialisable records, and the stage cache.
+
+A StageResult carries URIs and numbers only, never tensors or models. The cache maps a stage's
+key (hash of its config section, its upstream artifact ids and the code version) to the
+StageResult it produced, as one JSON file per key under `<workspace>/cache/<stage>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["completed", "cached", "failed", "skipped"]
+
+_PACKAGES = ("lifecycle", "tasks", "ray_cluster", "flows")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: Status
+    artifact_uri: str | None = None
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact_id: str | None = None
+    """Content id of the artifact (a manifest sha256); what downstream cache keys hash."""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageResult:
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> StageResult:
+        return cls.from_dict(json.loads(s))
+
+    def with_status(self, status: Status) -> StageResult:
+        return dataclasses.replace(self, status=status)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a stage needs to know about the pipeline run it belongs to."""
+
+    run_name: str
+    workspace: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    registered_model: str
+    code_version: str
+    checkpoint_copy_max_mb: float = 64.0
+
+    @property
+    def ray_storage(self) -> str:
+        return str(Path(self.workspace) / "ray_storage")
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        """Where a stage writes its artifacts: keyed, so a re-run never overwrites another."""
+        return Path(self.workspace) / "artifacts" / stage / key[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def code_version() -> str:
+    """Git sha (with `-dirty`) when available, plus a hash of the project's Python sources.
+
+    The source hash is what makes cache keys change when code changes, with or without git.
+    """
+    h = hashlib.sha256()
+    for pkg in _PACKAGES:
+        for f in sorted((_ROOT / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(_ROOT)).encode())
+            h.update(f.read_bytes())
+    src = h.hexdigest()[:12]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=_ROOT, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = "nogit"
+    return f"{sha}+src.{src}"
+
+
+def git_sha() -> str:
+    return code_version().split("+", 1)[0]
+
+
+def cache_key(stage: str, config_hash: str, upstream: list[StageResult], code: str) -> str:
+    parts = {
+        "stage": stage,
+        "config": config_hash,
+        "upstream": [(u.stage, u.artifact_id or u.artifact_uri) for u in upstream],
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_file(workspace: str | Path, stage: str, key: str) -> Path:
+    return Path(workspace) / "cache" / stage / f"{key}.json"
+
+
+def cache_lookup(workspace: str | Path, stage: str, key: str) -> StageResult | None:
+    """The cached result for `key`, or None when absent or when its artifact has gone."""
+    f = _cache_file(workspace, stage, key)
+    if not f.is_file():
+        return None
+    result = StageResult.from_json(f.read_text())
+    if result.artifact_uri and not Path(result.artifact_uri).exists():
+        return None
+    return result.with_status("cached")
+
+
+def cache_store(workspace: str | Path, stage: str, key: str, result: StageResult) -> None:
+    """Atomically records a completed result (write to a temp file, then rename)."""
+    f = _cache_file(workspace, stage, key)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(f".tmp.{os.getpid()}")
+    tmp.write_text(result.to_json())
+    tmp.replace(f)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_manifest(root: str | Path) -> dict[str, Any]:
+    """sha256 and size of every file below `root`, plus a digest over all of them."""
+    root = Path(root)
+    files = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        files[str(f.relative_to(root))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"files": files, "digest": digest, "bytes": sum(v["bytes"] for v in files.values())}

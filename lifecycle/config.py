@@ -1,0 +1,331 @@
+"""The pipeline's configuration schema: one pydantic model per stage, validated once, at load.
+
+Check a file alone:  lifecycle validate configs/tiny_cpu.yaml --set pretrain.max_steps=50
+
+Every model forbids unknown keys, so a typo fails before Ray or Prefect starts, with the dotted
+key path in the message (`ConfigError`, exit code 2 in the CLI). A stage section set to null in
+the YAML is skipped by the flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES: tuple[str, ...] = ("data", "pretrain")
+"""Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names every bad key by its dotted path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster, scaling, tracking, flow
+# --------------------------------------------------------------------------------------------
+
+
+class ClusterConfig(_Strict):
+    """Where Ray runs. `address: null` starts a local Ray; `auto` or `ray://host:port` joins one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (null: all)")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=0, le=65535)
+    include_dashboard: bool = True
+
+
+class ScalingConfig(_Strict):
+    """How many Ray Train workers, what each gets, and how they are placed across nodes."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class DeepSpeedConfig(_Strict):
+    """DeepSpeed ZeRO. Stage 0 means plain DDP (no DeepSpeed engine)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrackingConfig(_Strict):
+    """MLflow. `tracking_uri: null` means SQLite in the workspace (`<workspace>/mlflow.db`)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "llm-lifecycle"
+    registered_model: str = Field("tiny-llm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    checkpoint_copy_max_mb: float = Field(
+        64.0, ge=0, description="checkpoints up to this size are copied into MLflow; larger ones "
+        "are recorded by reference with a sha256 manifest"
+    )
+
+
+class FlowConfig(_Strict):
+    """Prefect task options applied to every stage."""
+
+    retries: int = Field(0, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Data prep
+# --------------------------------------------------------------------------------------------
+
+
+class DataInput(_Strict):
+    """One input: a file, a directory or a glob, in one format."""
+
+    path: str
+    format: Literal["jsonl", "parquet", "text", "hf_disk"]
+    text_field: str = "text"
+
+
+class DemoConfig(_Strict):
+    """The generated demo corpus (lifecycle.data.demo): checkable task lines in documents."""
+
+    num_docs: int = Field(3000, ge=10)
+    seed: int = 0
+    exact_dupe_fraction: float = Field(0.02, ge=0, lt=0.5)
+    near_dupe_fraction: float = Field(0.02, ge=0, lt=0.5)
+
+
+class NearDedupConfig(_Strict):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity threshold")
+    shingle_size: int = Field(5, ge=1, description="character shingle length")
+    num_perm: int = Field(128, ge=16)
+
+
+class RedactConfig(_Strict):
+    emails: bool = True
+    phones: bool = True
+
+
+class TokenizerConfig(_Strict):
+    """Train a byte-level BPE (`path: null`) or load a local HF tokenizer directory."""
+
+    path: str | None = None
+    vocab_size: int = Field(512, ge=260)
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataConfig(_Strict):
+    inputs: list[DataInput] = Field(default_factory=list)
+    demo: DemoConfig | None = None
+    normalize: Literal["NFC", "NFKC"] = "NFKC"
+    min_chars: int = Field(16, ge=0)
+    max_chars: int = Field(100_000, ge=1)
+    exact_dedup: bool = True
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    redact: RedactConfig = RedactConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    block_size: int = Field(128, ge=8)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    rows_per_shard: int = Field(4096, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_input(self) -> DataConfig:
+        if not self.inputs and self.demo is None:
+            raise ValueError("no input: set data.inputs or data.demo")
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    """A causal LM built from config (random init) or continued from a local HF model dir."""
+
+    arch: Literal["llama", "mixtral"] = "llama"
+    init_from: str | None = Field(None, description="local HF model directory (safetensors)")
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(512, ge=8)
+    num_experts: int = Field(4, ge=2, description="mixtral only")
+    experts_per_token: int = Field(2, ge=1, description="mixtral only")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        if self.arch == "mixtral" and self.experts_per_token > self.num_experts:
+            raise ValueError("experts_per_token must not exceed num_experts")
+        return self
+
+
+class PretrainConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    max_steps: int = Field(300, ge=1)
+    micro_batch_size: int = Field(16, ge=1, description="sequences per worker per micro-step")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    eval_batches: int = Field(8, ge=1)
+    peak_flops: float | None = Field(
+        None, gt=0, description="per-worker peak FLOP/s for MFU; null: measured by a matmul probe"
+    )
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _steps(self) -> PretrainConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    flow: FlowConfig = FlowConfig()
+    data: DataConfig | None = None
+    pretrain: PretrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _cross_stage(self) -> PipelineConfig:
+        if self.data is not None and self.pretrain is not None:
+            need = self.data.block_size
+            have = self.pretrain.model.max_position_embeddings
+            if need > have:
+                raise ValueError(
+                    f"data.block_size ({need}) exceeds pretrain.model.max_position_embeddings "
+                    f"({have})"
+                )
+        return self
+
+    def section(self, stage: str) -> BaseModel | None:
+        return getattr(self, stage)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (["a","b","c"], value parsed as YAML: 50 is an int, null is None)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. pretrain.max_steps=50")
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {item!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of `raw` with each dotted override set (missing sections are created)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {item!r}: {path} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not in the schema; check the spelling)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    """Validates a raw dict; raises ConfigError naming every bad key by its dotted path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration\n{_format_errors(e)}") from None
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Loads a YAML file, applies `--set` style overrides and validates the result."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return validate_config(raw, source=str(path))
+
+
+def config_hash(section: BaseModel | dict[str, Any] | None) -> str:
+    """A stable sha256 of a config section (key order does not matter)."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,97 @@
+"""Model and tokenizer builders, and loading/saving as HF safetensors directories.
+
+Models are built from config with random init (no hub downloads) or loaded from a local HF
+directory; weights are only ever read from safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from lifecycle.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+    """A causal LM: random init from `cfg` with a fixed seed, or loaded from `cfg.init_from`."""
+    if cfg.init_from:
+        return load_model(cfg.init_from)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    # The global RNG is the one HF init uses; fork it so a caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.arch == "llama":
+            return LlamaForCausalLM(LlamaConfig(**common))
+        moe = MixtralConfig(
+            **common, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token
+        )
+        return MixtralForCausalLM(moe)
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors are loaded)")
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (expected a local HF tokenizer dir)")
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention's 12·L·H·T (PaLM appendix B).
+
+    For a mixture of experts, N counts only the experts a token is routed to.
+    """
+    cfg = model.config
+    n = num_params(model)
+    n_exp = getattr(cfg, "num_local_experts", None)
+    if n_exp:
+        per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+        n -= cfg.num_hidden_layers * per_expert * (n_exp - cfg.num_experts_per_tok)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        n -= model.get_input_embeddings().weight.numel()  # lookups are not matmuls
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -1,0 +1,224 @@
+"""The only module that imports mlflow: parent and stage runs, metrics, checkpoints, registry.
+
+Every call takes an explicit tracking URI and run id (no reliance on "the active run"), so the
+driver, Prefect tasks and Ray Train workers (rank 0) can all log to the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from lifecycle.artifacts import RunContext, dir_manifest
+
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "lifecycle.stage"
+
+
+def default_tracking_uri(workspace: str | Path) -> str:
+    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+    except MlflowException:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(
+    tracking_uri: str,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client(tracking_uri).create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    now = [RunTag(k, str(v)) for k, v in tags.items()]
+    client(tracking_uri).log_batch(run_id, tags=now)
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client(tracking_uri).log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0
+) -> None:
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    if items:
+        client(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def log_dict(tracking_uri: str, run_id: str, data: Any, artifact_file: str) -> None:
+    client(tracking_uri).log_dict(run_id, data, artifact_file)
+
+
+def log_artifacts(
+    tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None
+) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(
+    tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None
+) -> None:
+    client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
+
+
+def log_dataset(
+    tracking_uri: str, run_id: str, name: str, source_uri: str, digest: str, context: str
+) -> None:
+    """Records a dataset (by URI and content digest) as an input of the run."""
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    ds = MetaDataset(FileSystemDatasetSource(source_uri), name=name, digest=digest[:36])
+    inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    client(tracking_uri).log_inputs(run_id, datasets=[inp])
+
+
+def log_checkpoint(
+    tracking_uri: str,
+    run_id: str,
+    step: int,
+    local_dir: str | Path,
+    storage_uri: str,
+    copy_max_mb: float,
+) -> dict[str, Any]:
+    """Records one checkpoint against its step.
+
+    Small checkpoints are copied under `checkpoints/step_<N>/`; above `copy_max_mb` only a
+    manifest (sha256 of every file, and where the checkpoint lives) is logged, so MLflow never
+    holds a second copy of a large model.
+    """
+    manifest = dir_manifest(local_dir)
+    manifest.update({"step": step, "uri": storage_uri})
+    art = f"checkpoints/step_{step:06d}"
+    if manifest["bytes"] <= copy_max_mb * 1e6:
+        log_artifacts(tracking_uri, run_id, local_dir, art)
+        manifest["copied"] = True
+    else:
+        manifest["copied"] = False
+    log_dict(tracking_uri, run_id, manifest, f"{art}/manifest.json")
+    log_metrics(tracking_uri, run_id, {"checkpoint/bytes": manifest["bytes"]}, step=step)
+    return manifest
+
+
+def list_checkpoints(tracking_uri: str, run_id: str) -> list[int]:
+    arts = client(tracking_uri).list_artifacts(run_id, "checkpoints")
+    return sorted(int(a.path.rsplit("_", 1)[1]) for a in arts if a.is_dir)
+
+
+def register_model(
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    model_dir: str | Path,
+    tags: Mapping[str, Any],
+    description: str = "",
+) -> str:
+    """Logs an HF model directory under `model/` of the run and registers it; returns the version."""
+    log_artifacts(tracking_uri, run_id, model_dir, "model")
+    c = client(tracking_uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException:
+        pass  # already exists
+    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    mv = c.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+        description=description,
+    )
+    return str(mv.version)
+
+
+def model_version(tracking_uri: str, name: str, version: str) -> Any:
+    return client(tracking_uri).get_model_version(name, version)
+
+
+def get_run(tracking_uri: str, run_id: str) -> Any:
+    return client(tracking_uri).get_run(run_id)
+
+
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
+    return client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    )
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def log_text_file(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(artifact_file).name
+        p.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        log_artifact(tracking_uri, run_id, p, None if parent == "." else parent)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        elif isinstance(v, list | tuple):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+@contextmanager
+def stage_run(
+    ctx: RunContext, stage: str, params: Mapping[str, Any] | None = None
+) -> Iterator[str]:
+    """A child run of the pipeline's parent run for one stage; ends FAILED if the body raises."""
+    run_id = start_run(
+        ctx.tracking_uri, ctx.experiment_id, f"{ctx.run_name}/{stage}",
+        tags={STAGE_TAG: stage, "lifecycle.run_name": ctx.run_name,
+              "lifecycle.code_version": ctx.code_version},
+        parent_run_id=ctx.parent_run_id,
+    )
+    if params:
+        log_params(ctx.tracking_uri, run_id, params)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(ctx.tracking_uri, run_id, "FAILED")
+        raise
+    end_run(ctx.tracking_uri, run_id, "FINISHED")
