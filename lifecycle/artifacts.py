@@ -72,6 +72,10 @@ class RunContext:
         """Where a stage writes its artifacts: keyed, so a re-run never overwrites another."""
         return Path(self.workspace) / "artifacts" / stage / key[:16]
 
+    def train_name(self, stage: str, key: str) -> str:
+        """The Ray Train run name of a training stage: checkpoints live under ray_storage/NAME."""
+        return f"{stage}-{key[:16]}"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -90,7 +94,11 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=_ROOT, capture_output=True, text=True, timeout=5, check=True,
+            cwd=_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = "nogit"

@@ -76,8 +76,10 @@ class TrackingConfig(_Strict):
     experiment: str = "llm-lifecycle"
     registered_model: str = Field("tiny-llm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     checkpoint_copy_max_mb: float = Field(
-        64.0, ge=0, description="checkpoints up to this size are copied into MLflow; larger ones "
-        "are recorded by reference with a sha256 manifest"
+        64.0,
+        ge=0,
+        description="checkpoints up to this size are copied into MLflow; larger ones "
+        "are recorded by reference with a sha256 manifest",
     )
 
 
@@ -181,7 +183,9 @@ class ModelConfig(_Strict):
             )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})"
+            )
         if self.arch == "mixtral" and self.experts_per_token > self.num_experts:
             raise ValueError("experts_per_token must not exceed num_experts")
         return self

@@ -6,6 +6,7 @@ driver, Prefect tasks and Ray Train workers (rank 0) can all log to the same run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -101,10 +102,10 @@ def log_dataset(
     tracking_uri: str, run_id: str, name: str, source_uri: str, digest: str, context: str
 ) -> None:
     """Records a dataset (by URI and content digest) as an input of the run."""
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    ds = MetaDataset(FileSystemDatasetSource(source_uri), name=name, digest=digest[:36])
+    ds = MetaDataset(resolve_dataset_source(source_uri), name=name, digest=digest[:36])
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
     client(tracking_uri).log_inputs(run_id, datasets=[inp])
 
@@ -152,13 +153,14 @@ def register_model(
     """Logs an HF model directory under `model/` of the run and registers it; returns the version."""
     log_artifacts(tracking_uri, run_id, model_dir, "model")
     c = client(tracking_uri)
-    try:
+    with contextlib.suppress(MlflowException):  # already exists
         c.create_registered_model(name)
-    except MlflowException:
-        pass  # already exists
     source = f"{c.get_run(run_id).info.artifact_uri}/model"
     mv = c.create_model_version(
-        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+        name,
+        source,
+        run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()},
         description=description,
     )
     return str(mv.version)
@@ -209,9 +211,14 @@ def stage_run(
 ) -> Iterator[str]:
     """A child run of the pipeline's parent run for one stage; ends FAILED if the body raises."""
     run_id = start_run(
-        ctx.tracking_uri, ctx.experiment_id, f"{ctx.run_name}/{stage}",
-        tags={STAGE_TAG: stage, "lifecycle.run_name": ctx.run_name,
-              "lifecycle.code_version": ctx.code_version},
+        ctx.tracking_uri,
+        ctx.experiment_id,
+        f"{ctx.run_name}/{stage}",
+        tags={
+            STAGE_TAG: stage,
+            "lifecycle.run_name": ctx.run_name,
+            "lifecycle.code_version": ctx.code_version,
+        },
         parent_run_id=ctx.parent_run_id,
     )
     if params:
@@ -222,3 +229,25 @@ def stage_run(
         end_run(ctx.tracking_uri, run_id, "FAILED")
         raise
     end_run(ctx.tracking_uri, run_id, "FINISHED")
+
+
+class RankZeroTracker:
+    """Logs to one MLflow run from rank 0; on every other rank each call is a no-op.
+
+    Training loops call it unconditionally instead of scattering `if rank == 0`.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool) -> None:
+        self.tracking_uri, self.run_id, self.enabled = tracking_uri, run_id, enabled
+
+    def metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            log_metrics(self.tracking_uri, self.run_id, metrics, step)
+
+    def checkpoint(
+        self, step: int, local_dir: str | Path, storage_uri: str, copy_max_mb: float
+    ) -> None:
+        if self.enabled:
+            log_checkpoint(
+                self.tracking_uri, self.run_id, step, local_dir, storage_uri, copy_max_mb
+            )

@@ -33,6 +33,7 @@ from lifecycle.data.pipeline import (
     write_outputs,
 )
 
+
 def _clean_row(row: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     out = clean_record(row, cfg)
     # Arrow-friendly: a fixed type per column (no None next to arrays).
@@ -99,11 +100,27 @@ def prepare_data(cfg: DataConfig, ctx: RunContext, key: str) -> StageResult:
         tracking.log_artifacts(uri, run_id, final / "tokenizer", "tokenizer")
         if (final / "rejects.jsonl").stat().st_size:
             tracking.log_artifact(uri, run_id, final / "rejects.jsonl")
-        tracking.log_dataset(uri, run_id, f"{ctx.run_name}-tokens", final.as_uri(),
-                             manifest["sha256"], context="train")
-        tracking.set_tags(uri, run_id, {"lifecycle.data_manifest_sha256": manifest["sha256"],
-                                        "lifecycle.tokenizer_id": manifest["tokenizer_id"]})
+        tracking.log_dataset(
+            uri,
+            run_id,
+            f"{ctx.run_name}-tokens",
+            final.as_uri(),
+            manifest["sha256"],
+            context="train",
+        )
+        tracking.set_tags(
+            uri,
+            run_id,
+            {
+                "lifecycle.data_manifest_sha256": manifest["sha256"],
+                "lifecycle.tokenizer_id": manifest["tokenizer_id"],
+            },
+        )
     return StageResult(
-        stage="data", status="completed", artifact_uri=str(final), mlflow_run_id=run_id,
-        metrics={k: float(v) for k, v in counts.items()}, artifact_id=manifest["sha256"],
+        stage="data",
+        status="completed",
+        artifact_uri=str(final),
+        mlflow_run_id=run_id,
+        metrics={k: float(v) for k, v in counts.items()},
+        artifact_id=manifest["sha256"],
     )

@@ -45,8 +45,12 @@ def parse_lines(
     """
     if fmt == "text":
         try:
-            yield {"doc_id": doc_id(input_idx, file_idx, 0), "source": source,
-                   "text": data.decode("utf-8"), "reason": None}
+            yield {
+                "doc_id": doc_id(input_idx, file_idx, 0),
+                "source": source,
+                "text": data.decode("utf-8"),
+                "reason": None,
+            }
         except UnicodeDecodeError as e:
             yield reject(doc_id(input_idx, file_idx, 0), source, f"undecodable bytes: {e.reason}")
         return
@@ -126,8 +130,10 @@ def clean_record(rec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     text, n = redact(text, cfg["redact"]["emails"], cfg["redact"]["phones"])
     out["redactions"] = n
     if not cfg["min_chars"] <= len(text) <= cfg["max_chars"]:
-        out.update(text=None, reason=f"filtered: length {len(text)} outside "
-                   f"[{cfg['min_chars']}, {cfg['max_chars']}]")
+        out.update(
+            text=None,
+            reason=f"filtered: length {len(text)} outside [{cfg['min_chars']}, {cfg['max_chars']}]",
+        )
         return out
     out["text"] = text
     out["sha"] = text_sha(text)
@@ -159,7 +165,9 @@ class Deduplicator:
             self.exact_removed += 1
             return False
         if self.near and self._lsh is not None:
-            mh = LeanMinHash(seed=1, hashvalues=np.asarray(hashvalues, dtype=np.uint32), scheme="affine32")
+            mh = LeanMinHash(
+                seed=1, hashvalues=np.asarray(hashvalues, dtype=np.uint32), scheme="affine32"
+            )
             if self._lsh.query(mh):
                 self.near_removed += 1
                 return False

@@ -101,7 +101,9 @@ def generate(
     n_unique = num_docs - n_exact - n_near
     docs = [make_document(rng) for _ in range(n_unique)]
     planted = [rng.choice(docs[: max(1, n_unique // 2)]) for _ in range(n_exact)]
-    planted += [near_duplicate(rng.choice(docs[: max(1, n_unique // 2)]), rng) for _ in range(n_near)]
+    planted += [
+        near_duplicate(rng.choice(docs[: max(1, n_unique // 2)]), rng) for _ in range(n_near)
+    ]
     # Planted copies go in the second half so the original always comes first.
     tail = docs[n_unique // 2 :] + planted
     rng.shuffle(tail)

@@ -39,9 +39,19 @@ from lifecycle.data.clean import (
 from lifecycle.data.tokenizer import tokenizer_id, train_bpe
 
 COUNT_KEYS = (
-    "docs_in", "docs_out", "exact_dupes_removed", "near_dupes_removed", "malformed_rejected",
-    "filtered_out", "redactions", "docs_train", "docs_val", "tokens_train", "tokens_val",
-    "blocks_train", "blocks_val",
+    "docs_in",
+    "docs_out",
+    "exact_dupes_removed",
+    "near_dupes_removed",
+    "malformed_rejected",
+    "filtered_out",
+    "redactions",
+    "docs_train",
+    "docs_val",
+    "tokens_train",
+    "tokens_val",
+    "blocks_train",
+    "blocks_val",
 )
 
 
@@ -65,9 +75,32 @@ def resolve_inputs(cfg: DataConfig, demo_dir: str | Path) -> list[dict[str, Any]
     files = []
     for i, inp in enumerate(inputs):
         for j, path in enumerate(_expand(inp)):
-            files.append({"input_idx": i, "file_idx": j, "path": path, "format": inp.format,
-                          "text_field": inp.text_field})
+            files.append(
+                {
+                    "input_idx": i,
+                    "file_idx": j,
+                    "path": path,
+                    "format": inp.format,
+                    "text_field": inp.text_field,
+                }
+            )
     return files
+
+
+def input_fingerprint(cfg: DataConfig) -> str:
+    """Path, size and mtime of every input file (the demo corpus is a function of config)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, inp in enumerate(cfg.inputs):
+        try:
+            paths = _expand(inp)
+        except DataError:
+            paths = []  # the stage itself reports the missing input
+        for path in paths:
+            st = os.stat(path)
+            h.update(f"{i}|{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _expand(inp: DataInput) -> list[str]:
@@ -115,8 +148,10 @@ def dedup_and_split(
 ) -> tuple[list[str], list[str], dict[str, int], list[dict[str, Any]]]:
     """Global steps over cleaned records sorted by doc_id: dedup, then the train/val split."""
     dd = Deduplicator(
-        exact=cfg.exact_dedup, near=cfg.near_dedup.enabled,
-        threshold=cfg.near_dedup.threshold, num_perm=cfg.near_dedup.num_perm,
+        exact=cfg.exact_dedup,
+        near=cfg.near_dedup.enabled,
+        threshold=cfg.near_dedup.threshold,
+        num_perm=cfg.near_dedup.num_perm,
     )
     counts = dict.fromkeys(COUNT_KEYS, 0)
     train: list[str] = []
@@ -192,8 +227,13 @@ def write_shards(blocks: list[list[int]], out: Path, rows_per_shard: int) -> lis
         path = out / f"shard-{n:05d}.parquet"
         table = pa.table({"input_ids": pa.array(chunk, type=pa.list_(pa.int32()))})
         pq.write_table(table, path)
-        shards.append({"path": str(path.relative_to(out.parent)), "rows": len(chunk),
-                       "sha256": sha256_file(path)})
+        shards.append(
+            {
+                "path": str(path.relative_to(out.parent)),
+                "rows": len(chunk),
+                "sha256": sha256_file(path),
+            }
+        )
     return shards
 
 
@@ -212,9 +252,13 @@ def write_outputs(
             f"the {side} split has fewer tokens than one block of {cfg.block_size}: "
             "add data or lower data.block_size"
         )
-    counts = {**counts, "blocks_train": len(train_blocks), "blocks_val": len(val_blocks),
-              "tokens_train": len(train_blocks) * cfg.block_size,
-              "tokens_val": len(val_blocks) * cfg.block_size}
+    counts = {
+        **counts,
+        "blocks_train": len(train_blocks),
+        "blocks_val": len(val_blocks),
+        "tokens_train": len(train_blocks) * cfg.block_size,
+        "tokens_val": len(val_blocks) * cfg.block_size,
+    }
     with open(out_dir / "rejects.jsonl", "w") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

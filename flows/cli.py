@@ -1,0 +1,172 @@
+"""The `lifecycle` command line.
+
+    lifecycle run [CONFIG] [--stages data,pretrain] [--set KEY=VALUE]... [--workspace DIR]
+                  [--run-name NAME] [--force] [--json] [--from STAGE=PATH]...
+    lifecycle validate CONFIG [--set KEY=VALUE]...
+
+Exit codes: 0 every requested stage completed or was cached; 1 a stage failed;
+2 bad configuration or usage (nothing was started).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lifecycle.config import STAGES, ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="llm-lifecycle: an LLM production line driven by one YAML file.",
+)
+err = Console(stderr=True)
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override: KEY=VALUE (dotted key).")
+]
+
+
+def _resolve_config(path: str) -> Path:
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (_PACKAGE_ROOT / p).exists():
+        return _PACKAGE_ROOT / p
+    return p
+
+
+def _fail_config(e: Exception) -> None:
+    err.print(f"[red]configuration error[/red]: {e}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def validate(config: str, set_: SetOpt = None) -> None:
+    """Checks a config file (and overrides) against the schema; exit 2 when invalid."""
+    try:
+        cfg = load_config(_resolve_config(config), set_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+    enabled = [s for s in STAGES if cfg.section(s) is not None]
+    err.print(f"[green]ok[/green]: {config} (stages: {', '.join(enabled) or 'none'})")
+
+
+def _parse_stages(stages: str | None) -> list[str] | None:
+    if stages is None:
+        return None
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
+        raise ConfigError(
+            f"--stages: unknown stage(s) {bad or '(none)'}; choose from {list(STAGES)}"
+        )
+    return names
+
+
+def _parse_sources(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        stage, sep, path = item.partition("=")
+        if not sep or stage not in STAGES:
+            raise ConfigError(f"--from {item!r}: expected STAGE=PATH with STAGE in {list(STAGES)}")
+        if not Path(path).exists():
+            raise ConfigError(f"--from {item!r}: {path} does not exist")
+        out[stage] = str(Path(path).resolve())
+    return out
+
+
+def _table(summary: dict[str, Any]) -> Table:
+    t = Table(title=f"run {summary['run_name']}: {summary['status']}")
+    for col in ("stage", "status", "key metrics", "mlflow run"):
+        t.add_column(col)
+    colors = {"completed": "green", "cached": "cyan", "failed": "red", "skipped": "yellow"}
+    for s in summary["stages"]:
+        m = s["metrics"] or {}
+        keys = [
+            k
+            for k in m
+            if k.startswith("eval/")
+            or k in ("docs_out", "tokens_train", "train/tokens_per_s", "sys/mfu")
+        ]
+        shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys[:6])
+        if s.get("error"):
+            shown = s["error"][:120]
+        st = s["status"]
+        t.add_row(
+            s["stage"], f"[{colors.get(st, 'white')}]{st}[/]", shown, s["mlflow_run_id"] or ""
+        )
+    return t
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML.")] = DEFAULT_CONFIG,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated sub-chain.")] = None,
+    set_: SetOpt = None,
+    workspace: Annotated[str, typer.Option(help="Workspace directory.")] = ".lifecycle",
+    run_name: Annotated[
+        str | None, typer.Option(help="Run name (default: name-timestamp).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Recompute requested stages even if cached.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the summary JSON on stdout.")
+    ] = False,
+    from_: Annotated[
+        list[str] | None, typer.Option("--from", help="STAGE=PATH: use an existing artifact.")
+    ] = None,
+) -> None:
+    """Runs the chain (or --stages of it) and prints a summary table."""
+    try:
+        cfg = load_config(_resolve_config(config), set_ or [])
+        requested = _parse_stages(stages)
+        sources = _parse_sources(from_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+
+    # Prefect's telemetry heartbeat contends for the ephemeral server's SQLite ("database is
+    # locked" errors in the log); a local tool has no use for it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.lifecycle import PipelineFailed, lifecycle_flow  # slow import: after validation
+
+    # With --json, stdout carries only the summary: everything the run prints goes to stderr.
+    redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+    with redirect:
+        try:
+            summary = lifecycle_flow(
+                config=cfg.model_dump(mode="json"),
+                workspace=workspace,
+                run_name=run_name,
+                stages=requested,
+                force=force,
+                sources=sources,
+            )
+        except PipelineFailed as e:
+            summary = e.summary
+        except ValueError as e:
+            err.print(f"[red]error[/red]: {e}", highlight=False)
+            raise typer.Exit(2) from None
+    err.print(_table(summary))
+    err.print(
+        f"summary: {Path(workspace).resolve() / 'runs' / summary['run_name'] / 'summary.json'}"
+    )
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    raise typer.Exit(0 if summary["status"] == "completed" else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

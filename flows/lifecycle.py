@@ -1,0 +1,224 @@
+"""The whole chain as one Prefect flow: one task per stage, each cached by its key.
+
+Run it:  lifecycle run configs/tiny_cpu.yaml            (the CLI calls `lifecycle_flow`)
+
+For each stage the flow computes a cache key (hash of the stage's config section, its
+upstream artifact ids and the code version). A key seen before returns the stored
+StageResult with status `cached` and runs nothing; `force` recomputes. A stage whose section
+is null is `skipped`. Stages not requested (`stages=[...]`) but needed upstream come from the
+cache or from `sources` (`--from data=DIR`). MLflow gets one parent run per flow run; each
+stage task opens its own child run under it.
+
+Adding a stage: a task module in tasks/, a section in lifecycle/config.py, a line below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from lifecycle import tracking
+from lifecycle.artifacts import (
+    RunContext,
+    StageResult,
+    cache_key,
+    cache_lookup,
+    cache_store,
+    code_version,
+)
+from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
+from lifecycle.data.pipeline import input_fingerprint
+from ray_cluster.connect import connect, disconnect
+from tasks.data import prepare_data
+from tasks.pretrain import pretrain
+
+
+class PipelineFailed(RuntimeError):
+    """A requested stage failed; `summary` is the run summary that was written."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class _Chain:
+    """Runs stages in order, keeping the results and deciding cached / skipped / failed."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        ctx: RunContext,
+        requested: list[str],
+        force: bool,
+        sources: dict[str, str],
+    ) -> None:
+        self.cfg, self.ctx, self.requested, self.force = cfg, ctx, requested, force
+        self.sources = sources
+        self.results: dict[str, StageResult] = {}
+        self.log = get_run_logger()
+        self.failed = False
+        self.started_ray: bool | None = None  # connected lazily: an all-cached run needs no Ray
+
+    def close(self) -> None:
+        if self.started_ray is not None:
+            disconnect(self.started_ray)
+
+    def key(self, stage: str, upstream: list[StageResult]) -> str:
+        section = self.cfg.section(stage)
+        h = config_hash(section)
+        if stage == "data":  # the inputs' contents are part of what the stage depends on
+            h = config_hash({"config": h, "inputs": input_fingerprint(section)})
+        return cache_key(stage, h, upstream, self.ctx.code_version)
+
+    def run(
+        self, stage: str, upstream: list[str], call: Callable[[str, list[StageResult]], StageResult]
+    ) -> StageResult | None:
+        section = self.cfg.section(stage)
+        if stage in self.sources:
+            res = StageResult(
+                stage,
+                "cached",
+                artifact_uri=self.sources[stage],
+                artifact_id=f"external:{self.sources[stage]}",
+            )
+            self.results[stage] = res
+            return res
+        ups = [self.results.get(u) for u in upstream]
+        if section is None or any(u is None for u in ups):
+            why = "disabled in the config" if section is None else "an upstream stage is missing"
+            return self._finish(stage, StageResult(stage, "skipped", error=why))
+        if self.failed or any(u.status in ("failed", "skipped") for u in ups):
+            return self._finish(stage, StageResult(stage, "skipped", error="upstream failed"))
+        key = self.key(stage, ups)
+        cached = (
+            None
+            if (self.force and stage in self.requested)
+            else cache_lookup(self.ctx.workspace, stage, key)
+        )
+        if cached is not None:
+            self.log.info("%s: cached (run %s)", stage, cached.mlflow_run_id)
+            return self._finish(stage, cached)
+        if stage not in self.requested:
+            raise ValueError(
+                f"stage {stage!r} is needed upstream but has no cached result for this config; "
+                f"add it to --stages or pass --from {stage}=PATH"
+            )
+        if self.force:
+            shutil.rmtree(
+                Path(self.ctx.ray_storage) / self.ctx.train_name(stage, key), ignore_errors=True
+            )
+        self.log.info("%s: running", stage)
+        t0 = time.time()
+        try:
+            if self.started_ray is None:
+                self.started_ray = connect(self.cfg.cluster)
+            res = call(key, ups)
+        except Exception as e:
+            self.log.error("%s: failed: %s", stage, e)
+            self.failed = True
+            return self._finish(
+                stage, StageResult(stage, "failed", error=f"{type(e).__name__}: {e}")
+            )
+        cache_store(self.ctx.workspace, stage, key, res)
+        self.log.info("%s: completed in %.1fs", stage, time.time() - t0)
+        return self._finish(stage, res)
+
+    def _finish(self, stage: str, res: StageResult) -> StageResult:
+        self.results[stage] = res
+        tags = {f"lifecycle.stage.{stage}.status": res.status}
+        if res.mlflow_run_id:
+            tags[f"lifecycle.stage.{stage}.run_id"] = res.mlflow_run_id
+        tracking.set_tags(self.ctx.tracking_uri, self.ctx.parent_run_id, tags)
+        return res
+
+
+@flow(name="lifecycle")
+def lifecycle_flow(
+    config: dict[str, Any],
+    workspace: str = ".lifecycle",
+    run_name: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    sources: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Runs the chain described by `config` (a raw config dict, validated here)."""
+    cfg = validate_config(config)
+    ws = Path(workspace).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    requested = list(stages or STAGES)
+    unknown = sorted(set(requested) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}")
+    sources = dict(sources or {})
+
+    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, ws / "mlartifacts")
+    code = code_version()
+    parent = tracking.start_run(
+        uri,
+        exp_id,
+        run_name,
+        tags={
+            "lifecycle.run_name": run_name,
+            "lifecycle.code_version": code,
+            "lifecycle.config_hash": config_hash(cfg),
+            "lifecycle.stages": ",".join(requested),
+            "lifecycle.prefect_flow_run_id": str(flow_run.id),
+        },
+    )
+    tracking.log_text_file(uri, parent, yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
+    ctx = RunContext(
+        run_name=run_name,
+        workspace=str(ws),
+        tracking_uri=uri,
+        experiment_id=exp_id,
+        parent_run_id=parent,
+        registered_model=cfg.tracking.registered_model,
+        code_version=code,
+        checkpoint_copy_max_mb=cfg.tracking.checkpoint_copy_max_mb,
+    )
+    opts = {"retries": cfg.flow.retries, "retry_delay_seconds": cfg.flow.retry_delay_s}
+    chain = _Chain(cfg, ctx, requested, force, sources)
+    try:
+        chain.run("data", [], lambda key, up: prepare_data.with_options(**opts)(cfg.data, ctx, key))
+        chain.run(
+            "pretrain",
+            ["data"],
+            lambda key, up: pretrain.with_options(**opts)(cfg.pretrain, up[0], ctx, key),
+        )
+    finally:
+        chain.close()
+
+    shown = [chain.results[s] for s in STAGES if s in requested and s in chain.results]
+    ok = all(r.status in ("completed", "cached") for r in shown)
+    summary = {
+        "run_name": run_name,
+        "status": "completed" if ok else "failed",
+        "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
+        "prefect_flow_run_id": str(flow_run.id),
+        "stages": [
+            {
+                k: r.to_dict()[k]
+                for k in ("stage", "status", "artifact_uri", "mlflow_run_id", "metrics", "error")
+            }
+            for r in shown
+        ],
+    }
+    out = ws / "runs" / run_name / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    tracking.log_artifact(uri, parent, out)
+    tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
+    if not ok:
+        bad = [r.stage for r in shown if r.status not in ("completed", "cached")]
+        raise PipelineFailed(f"stages not completed: {', '.join(bad)}", summary)
+    return summary

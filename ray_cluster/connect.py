@@ -1,0 +1,48 @@
+"""Connecting to Ray: a local Ray (dashboard on 127.0.0.1) or an existing cluster.
+
+`cluster.address: null` starts a local Ray for this process and stops it afterwards;
+`auto` joins the cluster this machine belongs to; `ray://host:10001` joins over Ray Client.
+Over Ray Client the project's packages are shipped with the job (py_modules), so worker
+nodes need the dependencies but not this checkout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from lifecycle.config import ClusterConfig
+
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Initialises Ray if needed; returns True when this call started a local Ray."""
+    if ray.is_initialized():
+        return False
+    if cfg.address is None:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host=cfg.dashboard_host,
+            dashboard_port=cfg.dashboard_port,
+            log_to_driver=True,
+        )
+        return True
+    # Over Ray Client the cluster has none of our code: ship the packages with the job.
+    runtime_env = _ship_code() if cfg.address.startswith("ray://") else None
+    ray.init(address=cfg.address, runtime_env=runtime_env)
+    return False
+
+
+def _ship_code() -> dict[str, Any]:
+    import flows
+    import lifecycle
+    import ray_cluster
+    import tasks
+
+    return {"py_modules": [lifecycle, tasks, ray_cluster, flows]}
+
+
+def disconnect(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,423 @@
+"""Ray Train: the causal-LM training loop per worker, and the TorchTrainer that runs it.
+
+Used by tasks/pretrain.py; run a stage alone with `lifecycle run CONFIG --stages pretrain`.
+
+Ray touches the loop at three points: (1) the model is wrapped by `prepare_model` (DDP) or by
+a DeepSpeed engine (ZeRO 1/2/3), (2) each worker reads its own slice of every global batch,
+(3) `ray.train.report` hands checkpoints to Ray Train storage every `checkpoint_every` steps.
+A worker that dies makes Ray Train restart the group (`FailureConfig.max_failures`); the loop
+then resumes from `ray.train.get_checkpoint()`: model, optimizer, scheduler and the step, and
+since batches are a pure function of (seed, step), the data order continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from lifecycle.config import PretrainConfig, ScalingConfig
+from lifecycle.data.pipeline import load_blocks
+from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
+from lifecycle.tracking import RankZeroTracker
+
+STATE_FILE = "train_state.json"
+FINAL_DIR = "final"
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the loop (plain torch; also used by bench/train_overhead.py's bare baseline)
+# --------------------------------------------------------------------------------------------
+
+
+class BatchSampler:
+    """Global batch `step` → this rank's rows: a pure function of (seed, step, rank).
+
+    Each epoch is a seeded permutation; resuming at step k continues with the same batches an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, micro_batch: int, world: int, rank: int, seed: int) -> None:
+        self.n, self.micro, self.world, self.rank, self.seed = n, micro_batch, world, rank, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        start = (micro_step * self.world + self.rank) * self.micro
+        pos = torch.arange(start, start + self.micro)
+        epochs, offsets = pos // self.n, pos % self.n
+        return torch.stack(
+            [self._perm(int(e))[int(o)] for e, o in zip(epochs, offsets, strict=True)]
+        )
+
+
+def lr_lambda(cfg: PretrainConfig) -> Any:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    batch: int,
+    max_batches: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    autocast: Any,
+) -> float:
+    """Mean token loss over the first `max_batches` batches of `blocks`, split across ranks."""
+    model.eval()
+    rows = blocks[: min(len(blocks), batch * max_batches)]
+    mine = rows[rank::world]
+    # Every rank runs the same number of forwards: under ZeRO-3 each one is a collective.
+    n_iter = math.ceil(math.ceil(len(rows) / world) / batch)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(n_iter):
+        x = mine[i * batch : (i + 1) * batch].to(device)
+        if len(x) == 0:  # this rank ran out of rows: a forward to keep in step, not counted
+            x = rows[:1].to(device)
+            with autocast():
+                model(input_ids=x, labels=x)
+            continue
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        tokens = x.numel() - x.shape[0]  # labels are shifted: one fewer target per row
+        total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def measure_peak_flops(seconds: float = 0.5, n: int = 512) -> float:
+    """FLOP/s of fp32 matmuls on this worker's threads: the MFU denominator when none is given."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def deepspeed_config(cfg: PretrainConfig, world: int) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The loop each Ray Train worker runs
+# --------------------------------------------------------------------------------------------
+
+
+def causal_lm_loop(c: dict[str, Any]) -> None:
+    """Per-worker training loop. `c` holds plain values only (see `fit_causal_lm`)."""
+    cfg = PretrainConfig.model_validate(c["pretrain"])
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    tracker = RankZeroTracker(c["tracking_uri"], c["mlflow_run_id"], enabled=rank == 0)
+
+    tokenizer = load_tokenizer(c["tokenizer_dir"])
+    train_blocks = load_blocks(c["data_dir"], "train")
+    val_blocks = load_blocks(c["data_dir"], "val")
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    fpt = flops_per_token(model, train_blocks.shape[1])
+    use_ds = cfg.deepspeed.zero_stage > 0
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    def autocast() -> Any:
+        if dtype is None or use_ds:  # DeepSpeed casts the model itself
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=dtype)
+
+    if use_ds:
+        import deepspeed
+
+        optimizer = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        engine, optimizer, _, sched = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=sched,
+            config=deepspeed_config(cfg, world),
+        )
+        net = engine
+    else:
+        model = ray.train.torch.prepare_model(model)
+        optimizer = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        net = model
+    raw = net.module if hasattr(net, "module") else net
+
+    # ---- resume ---------------------------------------------------------------------------
+    start_step, state = 0, {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            if not state.get("final"):
+                if use_ds:
+                    engine.load_checkpoint(str(Path(d) / "ds"), tag="ds")
+                else:
+                    from safetensors.torch import load_model
+
+                    load_model(raw, str(Path(d) / "model.safetensors"), device=str(device))
+                    optimizer.load_state_dict(
+                        torch.load(Path(d) / "optimizer.pt", weights_only=True)
+                    )
+                    sched.load_state_dict(json.loads((Path(d) / "scheduler.json").read_text()))
+        start_step = state["step"]
+    resumed_from = start_step
+    if state.get("final"):  # the run had finished; nothing left but to report it again
+        ray.train.report(state["metrics"], checkpoint=ckpt, checkpoint_dir_name=FINAL_DIR)
+        return
+
+    if "loss_before" in state:
+        loss_before = state["loss_before"]
+    else:
+        loss_before = evaluate(
+            net, val_blocks, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
+        )
+    tracker.metrics(
+        {"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(min(loss_before, 50))},
+        step=0,
+    )
+    if resumed_from:
+        tracker.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
+
+    peak = cfg.peak_flops or measure_peak_flops()
+    sampler = BatchSampler(len(train_blocks), cfg.micro_batch_size, world, rank, cfg.seed)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * train_blocks.shape[1]
+    timed_steps, timed_s = 0, 0.0
+    loss_acc = torch.zeros(2, dtype=torch.float64)
+    net.train()
+
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        for micro in range(cfg.grad_accum_steps):
+            x = train_blocks[sampler.indices(step * cfg.grad_accum_steps + micro)].to(device)
+            if use_ds:
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed counts micro-steps and steps at the boundary
+            else:
+                last = micro == cfg.grad_accum_steps - 1
+                sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+                with sync, autocast():
+                    loss = model(input_ids=x, labels=x).loss
+                (loss / cfg.grad_accum_steps).backward()
+            loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        if not use_ds:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if step > start_step:  # the first step after (re)start pays one-off costs
+            timed_steps, timed_s = timed_steps + 1, timed_s + dt
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            if world > 1:
+                torch.distributed.all_reduce(loss_acc)
+            tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+            tracker.metrics(
+                {
+                    "train/loss": float(loss_acc[0] / loss_acc[1]),
+                    "train/lr": sched.get_last_lr()[0],
+                    "train/tokens_per_s": tps,
+                    "sys/mfu": tps * fpt / (peak * world),
+                },
+                step=done,
+            )
+            loss_acc.zero_()
+
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            state = {"step": done, "loss_before": loss_before}
+            with tempfile.TemporaryDirectory() as d:
+                if use_ds:
+                    engine.save_checkpoint(str(Path(d) / "ds"), tag="ds")
+                elif rank == 0:
+                    from safetensors.torch import save_model as save_safetensors
+
+                    save_safetensors(raw, str(Path(d) / "model.safetensors"))
+                    torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
+                    (Path(d) / "scheduler.json").write_text(json.dumps(sched.state_dict()))
+                if rank == 0:
+                    (Path(d) / STATE_FILE).write_text(json.dumps(state))
+                name = f"step_{done:06d}"
+                tracker.checkpoint(
+                    done, d, f"{c['storage_dir']}/{name}", c["checkpoint_copy_max_mb"]
+                )
+                has_files = use_ds or rank == 0
+                ray.train.report(
+                    {"step": done, "train/loss": loss.item()},
+                    checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None,
+                    checkpoint_dir_name=name,
+                )
+
+    # ---- final evaluation and model ------------------------------------------------------
+    loss_after = evaluate(
+        net, val_blocks, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
+    )
+    tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+    metrics = {
+        "eval/loss_before": loss_before,
+        "eval/loss_after": loss_after,
+        "eval/perplexity_before": math.exp(min(loss_before, 50)),
+        "eval/perplexity_after": math.exp(min(loss_after, 50)),
+        "train/tokens_per_s": tps,
+        "sys/mfu": tps * fpt / (peak * world),
+        "sys/peak_flops_per_worker": peak,
+        "sys/world_size": world,
+        "train/steps": cfg.max_steps,
+        "train/resumed_from_step": resumed_from,
+        "model/params": num_params(raw),
+    }
+    tracker.metrics(
+        {k: v for k, v in metrics.items() if k.startswith(("eval/", "sys/"))}, step=cfg.max_steps
+    )
+    full_state = None
+    if use_ds and cfg.deepspeed.zero_stage == 3:
+        full_state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            if full_state is not None:
+                full_state = {k: v.float() for k, v in full_state.items()}
+            save_model(raw, tokenizer, Path(d) / "model", state_dict=full_state)
+            (Path(d) / STATE_FILE).write_text(
+                json.dumps({"step": cfg.max_steps, "final": True, "metrics": metrics})
+            )
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+            checkpoint_dir_name=FINAL_DIR,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(storage_dir: str | Path) -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint a previous attempt left in `storage_dir`, if any."""
+    root = Path(storage_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if (p / STATE_FILE).is_file()]
+    if not done:
+        return None
+    best = max(done, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"])
+    return ray.train.Checkpoint.from_directory(str(best))
+
+
+def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
+    resources = dict(s.resources_per_worker) if s.resources_per_worker else None
+    return ray.train.ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=s.placement_strategy,
+    )
+
+
+def fit_causal_lm(
+    cfg: PretrainConfig,
+    *,
+    data_dir: str,
+    tokenizer_dir: str,
+    storage_path: str,
+    name: str,
+    tracking_uri: str,
+    mlflow_run_id: str,
+    checkpoint_copy_max_mb: float,
+) -> tuple[dict[str, Any], Path]:
+    """Runs the loop on Ray Train; returns (final metrics, final HF model directory).
+
+    Checkpoints live in `<storage_path>/<name>/`. A run whose earlier attempt died mid-way
+    (same name: same cache key) resumes from the newest checkpoint it left; delete that
+    directory to start over (`lifecycle run --force` does).
+    """
+    storage_dir = Path(storage_path) / name
+    trainer = TorchTrainer(
+        causal_lm_loop,
+        train_loop_config={
+            "pretrain": cfg.model_dump(mode="json"),
+            "data_dir": data_dir,
+            "tokenizer_dir": tokenizer_dir,
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "storage_dir": str(storage_dir),
+            "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg.scaling),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # +1: the final model is reported as a checkpoint too and must survive pruning.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints + 1),
+        ),
+        resume_from_checkpoint=latest_checkpoint(storage_dir),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = Path(result.checkpoint.path) / "model"
+    if not final.is_dir():
+        raise RuntimeError(f"training finished without a final model at {final}")
+    return dict(result.metrics), final
