@@ -153,25 +153,32 @@ class Deduplicator:
     num_perm: int = 128
     _seen: set[str] = field(default_factory=set)
     _lsh: MinHashLSH | None = None
+    _kept: dict[str, LeanMinHash] = field(default_factory=dict)
     exact_removed: int = 0
     near_removed: int = 0
 
     def __post_init__(self) -> None:
         if self.near:
-            self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+            # Recall-weighted bands: false candidates are cheap (the Jaccard check drops them),
+            # missed duplicates are not.
+            self._lsh = MinHashLSH(
+                threshold=self.threshold, num_perm=self.num_perm, weights=(0.1, 0.9)
+            )
 
     def keep(self, doc: str, sha: str, hashvalues: np.ndarray | None) -> bool:
         if self.exact and sha in self._seen:
             self.exact_removed += 1
             return False
-        if self.near and self._lsh is not None:
-            mh = LeanMinHash(
-                seed=1, hashvalues=np.asarray(hashvalues, dtype=np.uint32), scheme="affine32"
-            )
-            if self._lsh.query(mh):
+        if self._lsh is not None:
+            values = np.asarray(hashvalues, dtype=np.uint32)
+            mh = LeanMinHash(seed=1, hashvalues=values, scheme="affine32")
+            # LSH bands give candidates; the estimated Jaccard decides, so a candidate that
+            # merely shares a band is not dropped.
+            if any(mh.jaccard(self._kept[c]) >= self.threshold for c in self._lsh.query(mh)):
                 self.near_removed += 1
                 return False
             self._lsh.insert(doc, mh)
+            self._kept[doc] = mh
         self._seen.add(sha)
         return True
 

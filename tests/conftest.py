@@ -1,0 +1,68 @@
+"""Shared fixtures: one local Ray per test session, an isolated Prefect home, tiny data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: its ephemeral API keeps its database under PREFECT_HOME.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="lifecycle-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from lifecycle import tracking  # noqa: E402
+from lifecycle.artifacts import RunContext, StageResult, code_version  # noqa: E402
+from lifecycle.config import DataConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process test (dashboard on a free 127.0.0.1 port)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port())
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> StageResult:
+    """A small tokenized dataset made by the plain (no Ray) pipeline: fast, same format."""
+    from lifecycle.data.pipeline import prepare_plain
+
+    out = tmp_path_factory.mktemp("tiny-data") / "data"
+    cfg = DataConfig(demo={"num_docs": 600, "seed": 1}, block_size=64,
+                     tokenizer={"vocab_size": 320}, val_fraction=0.1)
+    manifest = prepare_plain(cfg, out)
+    return StageResult("data", "completed", artifact_uri=str(out), artifact_id=manifest["sha256"])
+
+
+@pytest.fixture
+def make_ctx(tmp_path):
+    """A RunContext with its own workspace, MLflow experiment and parent run."""
+
+    def make(name: str = "test") -> RunContext:
+        ws = tmp_path / "ws"
+        ws.mkdir(exist_ok=True)
+        uri = tracking.default_tracking_uri(ws)
+        exp = tracking.ensure_experiment(uri, "tests", ws / "mlartifacts")
+        parent = tracking.start_run(uri, exp, name)
+        return RunContext(run_name=name, workspace=str(ws), tracking_uri=uri, experiment_id=exp,
+                          parent_run_id=parent, registered_model="test-llm",
+                          code_version=code_version(), checkpoint_copy_max_mb=64)
+
+    return make

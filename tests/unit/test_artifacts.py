@@ -1,0 +1,49 @@
+from lifecycle.artifacts import (
+    StageResult,
+    cache_key,
+    cache_lookup,
+    cache_store,
+    code_version,
+    dir_manifest,
+)
+
+
+def test_stage_result_round_trips_through_json():
+    r = StageResult("pretrain", "completed", "/x/model", "abc", {"eval/loss_after": 1.5}, "id1")
+    assert StageResult.from_json(r.to_json()) == r
+
+
+def test_cache_store_and_lookup(tmp_path):
+    art = tmp_path / "artifact"
+    art.mkdir()
+    r = StageResult("data", "completed", str(art), "run1", {"docs_out": 3.0}, "sha")
+    key = cache_key("data", "cfghash", [], "code1")
+    assert cache_lookup(tmp_path, "data", key) is None
+    cache_store(tmp_path, "data", key, r)
+    hit = cache_lookup(tmp_path, "data", key)
+    assert hit.status == "cached" and hit.artifact_uri == str(art) and hit.metrics == r.metrics
+    art.rmdir()  # an artifact that has gone is not a cache hit
+    assert cache_lookup(tmp_path, "data", key) is None
+
+
+def test_cache_key_depends_on_config_upstream_and_code():
+    up = StageResult("data", "completed", "/d", artifact_id="m1")
+    base = cache_key("pretrain", "c", [up], "v1")
+    assert base == cache_key("pretrain", "c", [up], "v1")
+    assert base != cache_key("pretrain", "c2", [up], "v1")
+    assert base != cache_key("pretrain", "c", [StageResult("data", "completed", "/d", artifact_id="m2")], "v1")
+    assert base != cache_key("pretrain", "c", [up], "v2")
+
+
+def test_code_version_has_source_hash():
+    assert "+src." in code_version()
+
+
+def test_dir_manifest(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("x")
+    m = dir_manifest(tmp_path)
+    assert set(m["files"]) == {"a.txt", "sub/b.txt"}
+    assert m["bytes"] == 6
+    assert m["files"]["a.txt"]["sha256"].startswith("2cf24dba")
