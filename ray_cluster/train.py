@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -31,6 +32,7 @@ from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_p
 from lifecycle.tracking import RankZeroTracker
 
 STATE_FILE = "train_state.json"
+COMMIT_FILE = "COMMITTED"
 FINAL_DIR = "final"
 
 
@@ -203,7 +205,10 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
 
     # ---- resume ---------------------------------------------------------------------------
     start_step, state = 0, {}
-    ckpt = ray.train.get_checkpoint()
+    # Ray Train registers a checkpoint when the controller next polls the workers; a worker
+    # that dies in between loses that registration although the files are safe in storage.
+    # The newest *committed* checkpoint in storage is the better resume point.
+    ckpt = latest_checkpoint(c["storage_dir"]) or ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
@@ -307,6 +312,8 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None,
                     checkpoint_dir_name=name,
                 )
+                if rank == 0:  # report() returned on every rank: all files are persisted
+                    _commit(c["storage_dir"], name)
 
     # ---- final evaluation and model ------------------------------------------------------
     loss_after = evaluate(
@@ -345,6 +352,19 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
             checkpoint_dir_name=FINAL_DIR,
         )
+    if rank == 0:
+        _commit(c["storage_dir"], FINAL_DIR)
+
+
+def _commit(storage_dir: str, name: str) -> None:
+    """Marks a persisted checkpoint complete (a file written after every rank's upload)."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(storage_dir))
+    with fs.open_output_stream(f"{root}/{name}/{COMMIT_FILE}") as f:
+        f.write(b"ok\n")
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,15 +373,19 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(storage_dir: str | Path) -> ray.train.Checkpoint | None:
-    """The newest complete checkpoint a previous attempt left in `storage_dir`, if any."""
-    root = Path(storage_dir)
-    if not root.is_dir():
+    """The newest committed checkpoint in `storage_dir` (this attempt's or an earlier run's)."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(str(storage_dir)))
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return None
-    done = [p for p in root.iterdir() if (p / STATE_FILE).is_file()]
-    if not done:
-        return None
-    best = max(done, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"])
-    return ray.train.Checkpoint.from_directory(str(best))
+    best, best_step = None, -1
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        if fs.get_file_info(f"{info.path}/{COMMIT_FILE}").type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
+            step = json.loads(f.read())["step"]
+        if step > best_step:
+            best, best_step = info.path, step
+    return None if best is None else ray.train.Checkpoint(best, filesystem=fs)
 
 
 def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
@@ -412,7 +436,6 @@ def fit_causal_lm(
             # +1: the final model is reported as a checkpoint too and must survive pruning.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints + 1),
         ),
-        resume_from_checkpoint=latest_checkpoint(storage_dir),
     )
     result = trainer.fit()
     if result.error:
