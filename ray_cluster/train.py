@@ -245,12 +245,13 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     peak = cfg.peak_flops or measure_peak_flops()
     sampler = BatchSampler(len(train_blocks), cfg.micro_batch_size, world, rank, cfg.seed)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * train_blocks.shape[1]
-    timed_steps, timed_s = 0, 0.0
+    # Throughput counts every step after the first (which pays one-off costs), with all the
+    # loop does between them: logging and checkpoints included.
+    timed_steps, t_first = 0, 0.0
     loss_acc = torch.zeros(2, dtype=torch.float64)
     net.train()
 
     for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
         for micro in range(cfg.grad_accum_steps):
             x = train_blocks[sampler.indices(step * cfg.grad_accum_steps + micro)].to(device)
             if use_ds:
@@ -269,15 +270,17 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        if step > start_step:  # the first step after (re)start pays one-off costs
-            timed_steps, timed_s = timed_steps + 1, timed_s + dt
+        if step == start_step:
+            t_first = time.perf_counter()
+        else:
+            timed_steps += 1
+        timed_s = time.perf_counter() - t_first
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             if world > 1:
                 torch.distributed.all_reduce(loss_acc)
-            tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+            tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
             tracker.metrics(
                 {
                     "train/loss": float(loss_acc[0] / loss_acc[1]),
@@ -319,7 +322,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     loss_after = evaluate(
         net, val_blocks, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
     )
-    tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+    tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
     metrics = {
         "eval/loss_before": loss_before,
         "eval/loss_after": loss_after,

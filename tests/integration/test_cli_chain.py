@@ -1,0 +1,82 @@
+"""The README's main command, end to end: the whole chain on tiny_cpu.yaml, then a cached re-run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lifecycle import tracking
+from tests.conftest import ROOT, free_port
+
+LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
+
+
+def _run(ws: Path, *extra: str) -> tuple[int, dict]:
+    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json",
+           "--set", f"cluster.dashboard_port={free_port()}", *extra]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert p.stdout.strip(), p.stderr[-3000:]
+    return p.returncode, json.loads(p.stdout)  # stdout holds the summary JSON and nothing else
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_whole_chain_then_cached_rerun(tmp_path):
+    ws = tmp_path / "ws"
+    rc, summary = _run(ws, "--run-name", "first")
+    assert rc == 0, summary
+    assert summary["status"] == "completed"
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["data", "pretrain"]
+    assert all(s["status"] == "completed" for s in stages.values())
+    m = stages["pretrain"]["metrics"]
+    assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
+    assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
+    assert stages["data"]["metrics"]["exact_dupes_removed"] > 0
+    assert stages["data"]["metrics"]["near_dupes_removed"] > 0
+    on_disk = json.loads((ws / "runs" / "first" / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["prefect_flow_run_id"]
+
+    # MLflow: a parent run with one child per stage; checkpoints; a registered model + lineage.
+    uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
+    parent = summary["mlflow"]["parent_run_id"]
+    children = tracking.child_runs(uri, exp, parent)
+    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == ["data", "pretrain"]
+    assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
+    pre_run = stages["pretrain"]["mlflow_run_id"]
+    assert len(tracking.list_checkpoints(uri, pre_run)) >= 2
+    version = tracking.get_run(uri, pre_run).data.tags["lifecycle.model_version"]
+    mv = tracking.model_version(uri, "tiny-llm-pretrain", version)
+    data_run = tracking.get_run(uri, stages["data"]["mlflow_run_id"])
+    assert mv.tags["lifecycle.data_manifest_sha256"] == data_run.data.tags["lifecycle.data_manifest_sha256"]
+    assert mv.tags["lifecycle.parent_stage_run_id"] == stages["data"]["mlflow_run_id"]
+    assert mv.tags["lifecycle.config_hash"] and mv.tags["lifecycle.git_sha"]
+    model_dir = Path(stages["pretrain"]["artifact_uri"])
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+
+    # The same command again: both stages cached, nothing trained, nothing new recorded.
+    before = _snapshot(ws / "ray_storage")
+    rc, again = _run(ws, "--run-name", "second")
+    assert rc == 0
+    assert [s["status"] for s in again["stages"]] == ["cached", "cached"]
+    assert [s["mlflow_run_id"] for s in again["stages"]] == [s["mlflow_run_id"] for s in summary["stages"]]
+    assert _snapshot(ws / "ray_storage") == before
+    runs = tracking.client(uri).search_runs([exp], filter_string="tags.`lifecycle.stage` = 'pretrain'")
+    assert len(runs) == 1
+    assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
+    assert tracking.child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
+
+
+def test_failed_stage_exits_nonzero_with_summary(tmp_path):
+    bad = tmp_path / "empty.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    rc, summary = _run(tmp_path / "ws", "--set", "data.demo=null", "--set",
+                       f"data.inputs=[{{path: {bad}, format: jsonl}}]")
+    assert rc == 1
+    assert summary["status"] == "failed"
+    data, pre = summary["stages"]
+    assert data["status"] == "failed" and "no usable documents" in data["error"]
+    assert pre["status"] == "skipped"
