@@ -15,5 +15,7 @@ def machine() -> str:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}; {os.cpu_count()} cores; python {platform.python_version()}; "
-            f"torch {torch.__version__}")
+    return (
+        f"{cpu}; {os.cpu_count()} cores; python {platform.python_version()}; "
+        f"torch {torch.__version__}"
+    )

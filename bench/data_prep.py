@@ -47,9 +47,11 @@ def main() -> None:
             on_ray = run_data_prep(cfg, tmp / "ray", tmp / "demo")
             t_ray = time.perf_counter() - t0
             same = plain["sha256"] == on_ray["sha256"]
-            print(f"docs={n:6d}  plain {n / t_plain:8.0f} docs/s ({t_plain:6.2f}s)  "
-                  f"Ray Data {n / t_ray:8.0f} docs/s ({t_ray:6.2f}s)  "
-                  f"ratio Ray/plain {t_plain / t_ray:5.2f}  identical outputs: {same}")
+            print(
+                f"docs={n:6d}  plain {n / t_plain:8.0f} docs/s ({t_plain:6.2f}s)  "
+                f"Ray Data {n / t_ray:8.0f} docs/s ({t_ray:6.2f}s)  "
+                f"ratio Ray/plain {t_plain / t_ray:5.2f}  identical outputs: {same}"
+            )
     ray.shutdown()
 
 

@@ -64,10 +64,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--cpus", type=int, default=2)
     a = ap.parse_args()
-    full = load_config(ROOT / "configs/tiny_cpu.yaml", [
-        f"pretrain.max_steps={a.steps}", f"pretrain.checkpoint_every={a.steps}",
-        f"pretrain.scaling.resources_per_worker={{CPU: {a.cpus}}}", "pretrain.log_every=50",
-    ])
+    full = load_config(
+        ROOT / "configs/tiny_cpu.yaml",
+        [
+            f"pretrain.max_steps={a.steps}",
+            f"pretrain.checkpoint_every={a.steps}",
+            f"pretrain.scaling.resources_per_worker={{CPU: {a.cpus}}}",
+            "pretrain.log_every=50",
+        ],
+    )
     cfg = full.pretrain
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -84,8 +89,13 @@ def main() -> None:
         run_id = tracking.start_run(uri, exp, "bench")
         t0 = time.perf_counter()
         metrics, _ = fit_causal_lm(
-            cfg, data_dir=str(tmp / "data"), tokenizer_dir=str(tmp / "data" / "tokenizer"),
-            storage_path=str(tmp / "ray"), name="bench", tracking_uri=uri, mlflow_run_id=run_id,
+            cfg,
+            data_dir=str(tmp / "data"),
+            tokenizer_dir=str(tmp / "data" / "tokenizer"),
+            storage_path=str(tmp / "ray"),
+            name="bench",
+            tracking_uri=uri,
+            mlflow_run_id=run_id,
             checkpoint_copy_max_mb=0,
         )
         wall = time.perf_counter() - t0
@@ -96,14 +106,20 @@ def main() -> None:
     tokens = cfg.max_steps * cfg.micro_batch_size * full.data.block_size
     ray_tps = metrics["train/tokens_per_s"]
     print(f"machine: {machine()}")
-    print(f"model: {cfg.model.arch} hidden={cfg.model.hidden_size} layers={cfg.model.num_layers} "
-          f"params={int(metrics['model/params'])}; steps={cfg.max_steps}; cores={a.cpus}")
-    print(f"bare PyTorch loop        : {bare:10.0f} tokens/s (runs before/after Ray: "
-          f"{bare_first:.0f} / {bare_second:.0f})")
+    print(
+        f"model: {cfg.model.arch} hidden={cfg.model.hidden_size} layers={cfg.model.num_layers} "
+        f"params={int(metrics['model/params'])}; steps={cfg.max_steps}; cores={a.cpus}"
+    )
+    print(
+        f"bare PyTorch loop        : {bare:10.0f} tokens/s (runs before/after Ray: "
+        f"{bare_first:.0f} / {bare_second:.0f})"
+    )
     print(f"Ray Train (steady state) : {ray_tps:10.0f} tokens/s")
     print(f"ratio Ray Train / bare   : {ray_tps / bare:10.3f}")
-    print(f"Ray Train end to end     : {tokens / wall:10.0f} tokens/s ({wall:.1f}s for "
-          f"{tokens} tokens, incl. worker start-up, eval, checkpoint)")
+    print(
+        f"Ray Train end to end     : {tokens / wall:10.0f} tokens/s ({wall:.1f}s for "
+        f"{tokens} tokens, incl. worker start-up, eval, checkpoint)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def ray_session():
     """One local Ray for every in-process test (dashboard on a free 127.0.0.1 port)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port())
+    ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port()
+    )
     yield ray
     ray.shutdown()
 
@@ -45,8 +46,12 @@ def tiny_data(tmp_path_factory) -> StageResult:
     from lifecycle.data.pipeline import prepare_plain
 
     out = tmp_path_factory.mktemp("tiny-data") / "data"
-    cfg = DataConfig(demo={"num_docs": 600, "seed": 1}, block_size=64,
-                     tokenizer={"vocab_size": 320}, val_fraction=0.1)
+    cfg = DataConfig(
+        demo={"num_docs": 600, "seed": 1},
+        block_size=64,
+        tokenizer={"vocab_size": 320},
+        val_fraction=0.1,
+    )
     manifest = prepare_plain(cfg, out)
     return StageResult("data", "completed", artifact_uri=str(out), artifact_id=manifest["sha256"])
 
@@ -61,8 +66,15 @@ def make_ctx(tmp_path):
         uri = tracking.default_tracking_uri(ws)
         exp = tracking.ensure_experiment(uri, "tests", ws / "mlartifacts")
         parent = tracking.start_run(uri, exp, name)
-        return RunContext(run_name=name, workspace=str(ws), tracking_uri=uri, experiment_id=exp,
-                          parent_run_id=parent, registered_model="test-llm",
-                          code_version=code_version(), checkpoint_copy_max_mb=64)
+        return RunContext(
+            run_name=name,
+            workspace=str(ws),
+            tracking_uri=uri,
+            experiment_id=exp,
+            parent_run_id=parent,
+            registered_model="test-llm",
+            code_version=code_version(),
+            checkpoint_copy_max_mb=64,
+        )
 
     return make

@@ -12,8 +12,17 @@ LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed cons
 
 
 def _run(ws: Path, *extra: str) -> tuple[int, dict]:
-    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json",
-           "--set", f"cluster.dashboard_port={free_port()}", *extra]
+    cmd = [
+        LIFECYCLE,
+        "run",
+        "configs/tiny_cpu.yaml",
+        "--workspace",
+        str(ws),
+        "--json",
+        "--set",
+        f"cluster.dashboard_port={free_port()}",
+        *extra,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert p.stdout.strip(), p.stderr[-3000:]
     return p.returncode, json.loads(p.stdout)  # stdout holds the summary JSON and nothing else
@@ -51,7 +60,10 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     version = tracking.get_run(uri, pre_run).data.tags["lifecycle.model_version"]
     mv = tracking.model_version(uri, "tiny-llm-pretrain", version)
     data_run = tracking.get_run(uri, stages["data"]["mlflow_run_id"])
-    assert mv.tags["lifecycle.data_manifest_sha256"] == data_run.data.tags["lifecycle.data_manifest_sha256"]
+    assert (
+        mv.tags["lifecycle.data_manifest_sha256"]
+        == data_run.data.tags["lifecycle.data_manifest_sha256"]
+    )
     assert mv.tags["lifecycle.parent_stage_run_id"] == stages["data"]["mlflow_run_id"]
     assert mv.tags["lifecycle.config_hash"] and mv.tags["lifecycle.git_sha"]
     model_dir = Path(stages["pretrain"]["artifact_uri"])
@@ -62,9 +74,13 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
     assert [s["status"] for s in again["stages"]] == ["cached", "cached"]
-    assert [s["mlflow_run_id"] for s in again["stages"]] == [s["mlflow_run_id"] for s in summary["stages"]]
+    assert [s["mlflow_run_id"] for s in again["stages"]] == [
+        s["mlflow_run_id"] for s in summary["stages"]
+    ]
     assert _snapshot(ws / "ray_storage") == before
-    runs = tracking.client(uri).search_runs([exp], filter_string="tags.`lifecycle.stage` = 'pretrain'")
+    runs = tracking.client(uri).search_runs(
+        [exp], filter_string="tags.`lifecycle.stage` = 'pretrain'"
+    )
     assert len(runs) == 1
     assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
     assert tracking.child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
@@ -73,8 +89,13 @@ def test_whole_chain_then_cached_rerun(tmp_path):
 def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     bad = tmp_path / "empty.jsonl"
     bad.write_text('{"text": "x"}\n')
-    rc, summary = _run(tmp_path / "ws", "--set", "data.demo=null", "--set",
-                       f"data.inputs=[{{path: {bad}, format: jsonl}}]")
+    rc, summary = _run(
+        tmp_path / "ws",
+        "--set",
+        "data.demo=null",
+        "--set",
+        f"data.inputs=[{{path: {bad}, format: jsonl}}]",
+    )
     assert rc == 1
     assert summary["status"] == "failed"
     data, pre = summary["stages"]

@@ -23,8 +23,11 @@ def corpus(tmp_path):
     root = tmp_path / "corpus"
     (root / "jsonl").mkdir(parents=True)
     lines = [json.dumps({"text": d}) for d in docs[:100]]
-    lines += [json.dumps({"text": docs[1]}), json.dumps({"text": docs[2]}),
-              json.dumps({"text": docs[120]})]  # exact duplicates (one across formats)
+    lines += [
+        json.dumps({"text": docs[1]}),
+        json.dumps({"text": docs[2]}),
+        json.dumps({"text": docs[120]}),
+    ]  # exact duplicates (one across formats)
     lines += [json.dumps({"text": demo.near_duplicate(docs[i], rng)}) for i in (4, 40, 140)]
     lines += ["{broken json", json.dumps({"content": "no text"}), json.dumps({"text": None})]
     data = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff bytes here and there"}\n'
@@ -38,10 +41,16 @@ def corpus(tmp_path):
 
 def _cfg(root, **kw):
     return DataConfig(
-        inputs=[{"path": str(root / "jsonl"), "format": "jsonl"},
-                {"path": str(root / "*.parquet"), "format": "parquet", "text_field": "body"},
-                {"path": str(root / "txt"), "format": "text"}],
-        block_size=32, val_fraction=0.1, tokenizer={"vocab_size": 300}, **kw)
+        inputs=[
+            {"path": str(root / "jsonl"), "format": "jsonl"},
+            {"path": str(root / "*.parquet"), "format": "parquet", "text_field": "body"},
+            {"path": str(root / "txt"), "format": "text"},
+        ],
+        block_size=32,
+        val_fraction=0.1,
+        tokenizer={"vocab_size": 300},
+        **kw,
+    )
 
 
 def test_data_stage_dedups_rejects_and_records(ray_session, corpus, make_ctx):
@@ -58,8 +67,12 @@ def test_data_stage_dedups_rejects_and_records(ray_session, corpus, make_ctx):
     out = Path(res.artifact_uri)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     reasons = sorted(r["reason"].split(":")[0] for r in rejects)
-    assert reasons == ["bad JSON", "field 'text' is NoneType, not a string",
-                       "missing field 'text'", "undecodable bytes"]
+    assert reasons == [
+        "bad JSON",
+        "field 'text' is NoneType, not a string",
+        "missing field 'text'",
+        "undecodable bytes",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["tokens_train"] == manifest["counts"]["blocks_train"] * 32
     train = load_blocks(out, "train")
@@ -83,8 +96,12 @@ def test_data_stage_reads_hf_disk_and_redacts(ray_session, tmp_path, make_ctx):
     rows = [demo.make_document(rng) for _ in range(60)]
     rows[0] += "\nwrite to jane.doe@example.org today"
     datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "hf"))
-    cfg = DataConfig(inputs=[{"path": str(tmp_path / "hf"), "format": "hf_disk"}],
-                     block_size=32, val_fraction=0.2, tokenizer={"vocab_size": 300})
+    cfg = DataConfig(
+        inputs=[{"path": str(tmp_path / "hf"), "format": "hf_disk"}],
+        block_size=32,
+        val_fraction=0.2,
+        tokenizer={"vocab_size": 300},
+    )
     res = prepare_data.fn(cfg, make_ctx(), key="b" * 64)
     assert res.metrics["docs_out"] == 60 and res.metrics["redactions"] >= 1
 
@@ -94,7 +111,9 @@ def test_input_with_nothing_usable_fails_clearly(ray_session, tmp_path, make_ctx
     bad.write_text('{"text": "tiny"}\n{oops\n{"other": 1}\n')
     cfg = DataConfig(inputs=[{"path": str(bad), "format": "jsonl"}], min_chars=16)
     ctx = make_ctx()
-    with pytest.raises(DataError, match="no usable documents: 3 records read, 2 malformed, 1 filtered"):
+    with pytest.raises(
+        DataError, match="no usable documents: 3 records read, 2 malformed, 1 filtered"
+    ):
         prepare_data.fn(cfg, ctx, key="c" * 64)
     assert not list((Path(ctx.workspace) / "artifacts").rglob("manifest.json"))
     runs = tracking.child_runs(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)

@@ -15,13 +15,26 @@ from lifecycle.config import PretrainConfig
 from lifecycle.models import build_model, load_model, load_tokenizer
 from tasks.pretrain import pretrain
 
-MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
-         "max_position_embeddings": 64}
+MODEL = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 def _cfg(**kw) -> PretrainConfig:
-    base = dict(model=MODEL, max_steps=20, micro_batch_size=8, warmup_steps=2, log_every=5,
-                checkpoint_every=10, eval_batches=2, peak_flops=1e10)
+    base = dict(
+        model=MODEL,
+        max_steps=20,
+        micro_batch_size=8,
+        warmup_steps=2,
+        log_every=5,
+        checkpoint_every=10,
+        eval_batches=2,
+        peak_flops=1e10,
+    )
     base.update(kw)
     return PretrainConfig.model_validate(base)
 
@@ -34,8 +47,13 @@ def _worker_pids() -> list[int]:
 
 
 def test_ddp_worker_killed_resumes_from_checkpoint(ray_session, tiny_data, make_ctx):
-    cfg = _cfg(max_steps=160, checkpoint_every=20, log_every=10, max_failures=2,
-               scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}})
+    cfg = _cfg(
+        max_steps=160,
+        checkpoint_every=20,
+        log_every=10,
+        max_failures=2,
+        scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+    )
     ctx = make_ctx()
     key = "e" * 64
     storage = Path(ctx.ray_storage) / ctx.train_name("pretrain", key)
@@ -86,21 +104,27 @@ def test_ddp_worker_killed_resumes_from_checkpoint(ray_session, tiny_data, make_
     tok = load_tokenizer(model_dir)
     init = build_model(cfg.model, tok, cfg.seed).state_dict()
     trained = load_file(model_dir / "model.safetensors")
-    assert all(torch.equal(init[k], trained[k]) is False for k in trained if k.endswith("q_proj.weight"))
+    assert all(
+        torch.equal(init[k], trained[k]) is False for k in trained if k.endswith("q_proj.weight")
+    )
 
 
 @pytest.mark.parametrize(("zero_stage", "arch"), [(1, "llama"), (3, "mixtral")])
 def test_deepspeed_zero_on_cpu(ray_session, tiny_data, make_ctx, zero_stage, arch):
-    cfg = _cfg(model={**MODEL, "arch": arch, "num_experts": 4, "experts_per_token": 2},
-               deepspeed={"zero_stage": zero_stage},
-               scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}})
+    cfg = _cfg(
+        model={**MODEL, "arch": arch, "num_experts": 4, "experts_per_token": 2},
+        deepspeed={"zero_stage": zero_stage},
+        scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+    )
     ctx = make_ctx()
     res = pretrain.fn(cfg, tiny_data, ctx, key=f"{zero_stage}" * 64)
     m = res.metrics
     assert m["sys/world_size"] == 2
     assert m["eval/loss_after"] < m["eval/loss_before"]
     model = load_model(res.artifact_uri)
-    assert type(model).__name__ == ("MixtralForCausalLM" if arch == "mixtral" else "LlamaForCausalLM")
+    assert type(model).__name__ == (
+        "MixtralForCausalLM" if arch == "mixtral" else "LlamaForCausalLM"
+    )
     x = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(input_ids=x).logits).all()
     ckpts = tracking.list_checkpoints(ctx.tracking_uri, res.mlflow_run_id)

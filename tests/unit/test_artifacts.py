@@ -31,7 +31,9 @@ def test_cache_key_depends_on_config_upstream_and_code():
     base = cache_key("pretrain", "c", [up], "v1")
     assert base == cache_key("pretrain", "c", [up], "v1")
     assert base != cache_key("pretrain", "c2", [up], "v1")
-    assert base != cache_key("pretrain", "c", [StageResult("data", "completed", "/d", artifact_id="m2")], "v1")
+    assert base != cache_key(
+        "pretrain", "c", [StageResult("data", "completed", "/d", artifact_id="m2")], "v1"
+    )
     assert base != cache_key("pretrain", "c", [up], "v2")
 
 

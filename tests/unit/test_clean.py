@@ -22,21 +22,25 @@ def test_normalize_unicode_and_whitespace():
 
 
 def test_redact_emails_and_phones_but_not_arithmetic():
-    text, n = redact("mail bob.smith+x@example.co.uk or call +1 555-123-4567 add 12+7 = 19", True, True)
+    text, n = redact(
+        "mail bob.smith+x@example.co.uk or call +1 555-123-4567 add 12+7 = 19", True, True
+    )
     assert n == 2
     assert "<EMAIL>" in text and "<PHONE>" in text and "add 12+7 = 19" in text
     assert "example" not in text and "4567" not in text
 
 
 def test_parse_lines_rejects_with_reasons():
-    data = b"\n".join([
-        json.dumps({"text": "good one"}).encode(),
-        b"{not json",
-        json.dumps({"body": "no text field"}).encode(),
-        json.dumps({"text": 42}).encode(),
-        b'{"text": "bad \xff\xfe bytes"}',
-        json.dumps(["a list"]).encode(),
-    ])
+    data = b"\n".join(
+        [
+            json.dumps({"text": "good one"}).encode(),
+            b"{not json",
+            json.dumps({"body": "no text field"}).encode(),
+            json.dumps({"text": 42}).encode(),
+            b'{"text": "bad \xff\xfe bytes"}',
+            json.dumps(["a list"]).encode(),
+        ]
+    )
     recs = list(parse_lines(data, "f.jsonl", 0, 0, "jsonl", "text"))
     assert [r["text"] for r in recs] == ["good one", None, None, None, None, None]
     reasons = [r["reason"] for r in recs[1:]]
@@ -50,8 +54,10 @@ def test_parse_lines_rejects_with_reasons():
 
 def _clean_all(texts, **kw):
     cfg = DataConfig(demo={"num_docs": 10}, **kw).model_dump()
-    return [clean_record({"doc_id": f"{i:05d}", "source": "t", "text": t, "reason": None}, cfg)
-            for i, t in enumerate(texts)]
+    return [
+        clean_record({"doc_id": f"{i:05d}", "source": "t", "text": t, "reason": None}, cfg)
+        for i, t in enumerate(texts)
+    ]
 
 
 def test_dedup_removes_exactly_the_planted_duplicates():

@@ -32,8 +32,10 @@ def test_gpu_configs_describe_distributed_training():
 
 
 def test_override_sets_nested_value_and_parses_types():
-    cfg = load_config(ROOT / "configs/tiny_cpu.yaml",
-                      ["pretrain.max_steps=50", "pretrain.lr=1e-3", "data.near_dedup.enabled=false"])
+    cfg = load_config(
+        ROOT / "configs/tiny_cpu.yaml",
+        ["pretrain.max_steps=50", "pretrain.lr=1e-3", "data.near_dedup.enabled=false"],
+    )
     assert cfg.pretrain.max_steps == 50
     assert cfg.pretrain.lr == pytest.approx(1e-3)
     assert cfg.data.near_dedup.enabled is False
@@ -50,7 +52,11 @@ def test_null_disables_a_stage():
         ("pretrain.max_stpes=3", "pretrain.max_stpes", "unknown key"),
         ("pretrain.max_steps=abc", "pretrain.max_steps", "integer"),
         ("data.near_dedup.threshold=1.5", "data.near_dedup.threshold", "less than or equal"),
-        ("pretrain.scaling.placement_strategy=EVERYWHERE", "pretrain.scaling.placement_strategy", "PACK"),
+        (
+            "pretrain.scaling.placement_strategy=EVERYWHERE",
+            "pretrain.scaling.placement_strategy",
+            "PACK",
+        ),
         ("pretrain.deepspeed.zero_stage=4", "pretrain.deepspeed.zero_stage", "3"),
     ],
 )
@@ -95,8 +101,9 @@ def test_cli_validate_exit_codes(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(ROOT / "configs/tiny_cpu.yaml")])
     assert ok.exit_code == 0
-    typo = runner.invoke(app, ["validate", str(ROOT / "configs/tiny_cpu.yaml"),
-                               "--set", "pretrain.max_stpes=3"])
+    typo = runner.invoke(
+        app, ["validate", str(ROOT / "configs/tiny_cpu.yaml"), "--set", "pretrain.max_stpes=3"]
+    )
     assert typo.exit_code == 2 and "pretrain.max_stpes" in typo.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain:\n  max_steps: lots\n")
@@ -105,8 +112,17 @@ def test_cli_validate_exit_codes(tmp_path):
 
 
 def test_cli_run_rejects_bad_config_before_starting(tmp_path):
-    res = CliRunner().invoke(app, ["run", str(ROOT / "configs/tiny_cpu.yaml"), "--workspace",
-                                   str(tmp_path / "ws"), "--set", "data.blok_size=64"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(ROOT / "configs/tiny_cpu.yaml"),
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--set",
+            "data.blok_size=64",
+        ],
+    )
     assert res.exit_code == 2 and "data.blok_size" in res.output
     assert not (tmp_path / "ws").exists()  # nothing started, nothing written
     res = CliRunner().invoke(app, ["run", "--stages", "data,sfft", "--workspace", str(tmp_path)])
