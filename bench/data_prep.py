@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._machine import machine  # noqa: E402
-from lifecycle.config import DataConfig  # noqa: E402
-from lifecycle.data import demo  # noqa: E402
-from lifecycle.data.pipeline import prepare_plain  # noqa: E402
+from bench._machine import machine
+from lifecycle.config import DataConfig
+from lifecycle.data import demo
+from lifecycle.data.pipeline import prepare_plain
 
 
 def main() -> None:

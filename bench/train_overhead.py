@@ -21,14 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bench._machine import machine  # noqa: E402
-from lifecycle import tracking  # noqa: E402
-from lifecycle.config import load_config  # noqa: E402
-from lifecycle.data.pipeline import load_blocks, prepare_plain  # noqa: E402
-from lifecycle.models import build_model, load_tokenizer  # noqa: E402
-from ray_cluster.train import BatchSampler, lr_lambda, make_optimizer  # noqa: E402
+from bench._machine import machine
+from lifecycle import tracking
+from lifecycle.config import load_config
+from lifecycle.data.pipeline import load_blocks, prepare_plain
+from lifecycle.models import build_model, load_tokenizer
+from ray_cluster.train import BatchSampler, lr_lambda, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

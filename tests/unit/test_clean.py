@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from lifecycle.config import DataConfig
 from lifecycle.data import demo
 from lifecycle.data.clean import (
     Deduplicator,
@@ -14,7 +15,6 @@ from lifecycle.data.clean import (
     redact,
     text_sha,
 )
-from lifecycle.config import DataConfig
 
 
 def test_normalize_unicode_and_whitespace():
