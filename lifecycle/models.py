@@ -25,7 +25,15 @@ from lifecycle.config import ModelConfig
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
     """A causal LM: random init from `cfg` with a fixed seed, or loaded from `cfg.init_from`."""
     if cfg.init_from:
-        return load_model(cfg.init_from)
+        model = load_model(cfg.init_from)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(
+                f"pretrain.model.init_from {cfg.init_from}: its vocabulary "
+                f"({model.get_input_embeddings().num_embeddings}) is smaller than the data "
+                f"tokenizer's ({len(tokenizer)}); prepare the data with its tokenizer "
+                "(data.tokenizer.path)"
+            )
+        return model
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
