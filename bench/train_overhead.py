@@ -89,6 +89,7 @@ def main() -> None:
         run_id = tracking.start_run(uri, exp, "bench")
         t0 = time.perf_counter()
         metrics, _ = fit_causal_lm(
+            "pretrain",
             cfg,
             data_dir=str(tmp / "data"),
             tokenizer_dir=str(tmp / "data" / "tokenizer"),

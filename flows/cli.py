@@ -78,7 +78,13 @@ def _parse_sources(items: list[str]) -> dict[str, str]:
     for item in items:
         stage, sep, path = item.partition("=")
         if not sep or stage not in STAGES:
-            raise ConfigError(f"--from {item!r}: expected STAGE=PATH with STAGE in {list(STAGES)}")
+            raise ConfigError(
+                f"--from {item!r}: expected STAGE=PATH or STAGE=models:/NAME/VERSION with STAGE in "
+                f"{list(STAGES)}"
+            )
+        if path.startswith("models:/"):  # a registered MLflow model, fetched by the flow
+            out[stage] = path
+            continue
         if not Path(path).exists():
             raise ConfigError(f"--from {item!r}: {path} does not exist")
         out[stage] = str(Path(path).resolve())

@@ -39,6 +39,7 @@ from lifecycle.data.pipeline import input_fingerprint
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
 from tasks.pretrain import pretrain
+from tasks.sft import finetune
 
 
 class PipelineFailed(RuntimeError):
@@ -83,12 +84,11 @@ class _Chain:
     ) -> StageResult | None:
         section = self.cfg.section(stage)
         if stage in self.sources:
-            res = StageResult(
-                stage,
-                "cached",
-                artifact_uri=self.sources[stage],
-                artifact_id=f"external:{self.sources[stage]}",
-            )
+            src = self.sources[stage]
+            if src.startswith("models:/"):  # a registered MLflow model version
+                dest = Path(self.ctx.workspace) / "external" / src.removeprefix("models:/")
+                src = str(tracking.fetch_model(self.ctx.tracking_uri, src, dest))
+            res = StageResult(stage, "cached", artifact_uri=src, artifact_id=f"external:{src}")
             self.results[stage] = res
             return res
         ups = [self.results.get(u) for u in upstream]
@@ -194,6 +194,11 @@ def lifecycle_flow(
             "pretrain",
             ["data"],
             lambda key, up: pretrain.with_options(**opts)(cfg.pretrain, up[0], ctx, key),
+        )
+        chain.run(
+            "sft",
+            ["pretrain"],
+            lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
     finally:
         chain.close()

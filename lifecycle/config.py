@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("data", "pretrain")
+STAGES: tuple[str, ...] = ("data", "pretrain", "sft")
 """Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
 
 
@@ -110,6 +110,18 @@ class DemoConfig(_Strict):
     seed: int = 0
     exact_dupe_fraction: float = Field(0.02, ge=0, lt=0.5)
     near_dupe_fraction: float = Field(0.02, ge=0, lt=0.5)
+    tasks: list[str] | None = Field(None, description="task families (null: all)")
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> DemoConfig:
+        from lifecycle.data.demo import TASKS
+
+        unknown = sorted(set(self.tasks or []) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown demo task(s) {unknown}: choose from {sorted(TASKS)}")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is empty: list at least one, or null for all")
+        return self
 
 
 class NearDedupConfig(_Strict):
@@ -191,8 +203,9 @@ class ModelConfig(_Strict):
         return self
 
 
-class PretrainConfig(_Strict):
-    model: ModelConfig = ModelConfig()
+class TrainingConfig(_Strict):
+    """Optimisation, checkpointing and placement shared by every training stage."""
+
     max_steps: int = Field(300, ge=1)
     micro_batch_size: int = Field(16, ge=1, description="sequences per worker per micro-step")
     grad_accum_steps: int = Field(1, ge=1)
@@ -215,10 +228,181 @@ class PretrainConfig(_Strict):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @model_validator(mode="after")
-    def _steps(self) -> PretrainConfig:
+    def _steps(self) -> TrainingConfig:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps")
         return self
+
+
+class PretrainConfig(TrainingConfig):
+    model: ModelConfig = ModelConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+# --------------------------------------------------------------------------------------------
+
+SFT_METHODS = (
+    "full",
+    "lora",
+    "qlora",
+    "adalora",
+    "ia3",
+    "loha",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+)
+LORA_FAMILY = ("lora", "qlora", "adalora", "loha")
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+TargetModules = list[str] | Literal["all-linear"]
+
+
+class LoraOptions(_Strict):
+    """lora and qlora."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+
+
+class AdaLoraOptions(_Strict):
+    """AdaLoRA: starts at init_r per module and prunes the rank budget down to target_r."""
+
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(4, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tinit_fraction: float = Field(0.1, ge=0, lt=1, description="warm-up before pruning")
+    tfinal_fraction: float = Field(0.2, ge=0, lt=1, description="final fine-tuning")
+    target_modules: TargetModules = "all-linear"
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoraOptions:
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        if self.tinit_fraction + self.tfinal_fraction >= 1:
+            raise ValueError("tinit_fraction + tfinal_fraction must be below 1")
+        return self
+
+
+class IA3Options(_Strict):
+    target_modules: list[str] = ["k_proj", "v_proj", "down_proj"]
+    feedforward_modules: list[str] = ["down_proj"]
+
+    @model_validator(mode="after")
+    def _ff_subset(self) -> IA3Options:
+        if not set(self.feedforward_modules) <= set(self.target_modules):
+            raise ValueError("feedforward_modules must be a subset of target_modules")
+        return self
+
+
+class LoHaOptions(_Strict):
+    """LoHa: low-rank Hadamard-product adapter layers (PEFT's LyCORIS family)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+
+
+class PromptOptions(_Strict):
+    """prompt_tuning, prefix_tuning and p_tuning: learned virtual tokens."""
+
+    num_virtual_tokens: int = Field(8, ge=1)
+    encoder_hidden_size: int = Field(64, ge=1, description="p_tuning's prompt encoder")
+
+
+class InstructInput(_Strict):
+    """Instruction data: chat (`messages`) or Alpaca (`instruction`/`input`/`output`) records."""
+
+    path: str
+    format: Literal["chat", "alpaca"]
+    storage: Literal["jsonl", "hf_disk"] = "jsonl"
+
+
+class InstructDemoConfig(_Strict):
+    """Demo instruction tasks (lifecycle.data.demo); eval items come from a held-out set of
+    (task, word) pairs that no training data (pretraining corpus included) ever contains."""
+
+    num_train: int = Field(4000, ge=1)
+    num_eval: int = Field(200, ge=1)
+    tasks: list[str] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> InstructDemoConfig:
+        from lifecycle.data.demo import TASKS
+
+        unknown = sorted(set(self.tasks or []) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown demo task(s) {unknown}: choose from {sorted(TASKS)}")
+        return self
+
+
+class SFTDataConfig(_Strict):
+    inputs: list[InstructInput] = Field(default_factory=list)
+    demo: InstructDemoConfig | None = InstructDemoConfig()
+    max_length: int = Field(64, ge=8, description="tokens per example (longer ones are rejected)")
+    packing: bool = False
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="of file inputs, for eval loss")
+
+    @model_validator(mode="after")
+    def _has_input(self) -> SFTDataConfig:
+        if not self.inputs and self.demo is None:
+            raise ValueError("no instruction data: set sft.data.inputs or sft.data.demo")
+        return self
+
+
+class TaskEvalConfig(_Strict):
+    """Exact match by greedy generation on held-out tasks."""
+
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class SFTConfig(TrainingConfig):
+    method: Literal[SFT_METHODS] = "lora"  # type: ignore[valid-type]
+    lora: LoraOptions = LoraOptions()
+    adalora: AdaLoraOptions = AdaLoraOptions()
+    ia3: IA3Options = IA3Options()
+    loha: LoHaOptions = LoHaOptions()
+    prompt: PromptOptions = PromptOptions()
+    merge: bool = Field(True, description="LoRA family: also write a merged full model")
+    data: SFTDataConfig = SFTDataConfig()
+    eval: TaskEvalConfig = TaskEvalConfig()
+    lr: float = Field(2e-3, gt=0)
+    max_steps: int = Field(600, ge=1)
+    warmup_steps: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _method_constraints(self) -> SFTConfig:
+        if self.method == "qlora":
+            _check_qlora(self)
+        if self.deepspeed.zero_stage == 3 and self.method != "full":
+            raise ValueError(
+                f"method {self.method} with deepspeed.zero_stage 3 is not supported: "
+                "use zero_stage 1 or 2 for adapters (ZeRO-3 is for method: full)"
+            )
+        return self
+
+
+def _check_qlora(cfg: SFTConfig) -> None:
+    """QLoRA loads the base in 4 bits with bitsandbytes, which needs CUDA GPUs."""
+    if not cfg.scaling.use_gpu:
+        raise ValueError(
+            "method qlora quantizes the base model to 4 bits with bitsandbytes, which needs "
+            "CUDA GPUs: set sft.scaling.use_gpu: true on a GPU cluster, or use method: lora "
+            "on CPU"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "method qlora needs bitsandbytes: install the GPU extra "
+            "(pip install 'llm-lifecycle[gpu]') or use method: lora"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +417,7 @@ class PipelineConfig(_Strict):
     flow: FlowConfig = FlowConfig()
     data: DataConfig | None = None
     pretrain: PretrainConfig | None = None
+    sft: SFTConfig | None = None
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -251,3 +252,30 @@ class RankZeroTracker:
             log_checkpoint(
                 self.tracking_uri, self.run_id, step, local_dir, storage_uri, copy_max_mb
             )
+
+
+def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
+    """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once)."""
+    name, _, ref = model_uri.removeprefix("models:/").partition("/")
+    c = client(tracking_uri)
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        mv = c.get_model_version_by_alias(name, alias)
+    elif ref:
+        mv = c.get_model_version(name, ref)
+    else:
+        raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    dest = Path(dest)
+    if not (dest / "config.json").is_file() and not (dest / "adapter_config.json").is_file():
+        import mlflow.artifacts
+
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri
+        )
+        inner = next(tmp.iterdir()) if len(list(tmp.iterdir())) == 1 else tmp
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        inner.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from lifecycle.config import PretrainConfig, ScalingConfig
+from lifecycle.config import PretrainConfig, ScalingConfig, SFTConfig, TrainingConfig
+from lifecycle.data.instruct import IGNORE, load_rows
 from lifecycle.data.pipeline import load_blocks
 from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
 from lifecycle.tracking import RankZeroTracker
@@ -39,6 +41,38 @@ FINAL_DIR = "final"
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop (plain torch; also used by bench/train_overhead.py's bare baseline)
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LMData:
+    """Token rows for a causal LM. Pretraining: packed blocks, labels = inputs, no padding.
+    SFT: padded rows with their own labels (IGNORE outside assistant turns)."""
+
+    train_x: torch.Tensor
+    val_x: torch.Tensor
+    train_y: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    pad_id: int | None = None
+
+    @classmethod
+    def load(cls, kind: str, data_dir: str, pad_id: int | None) -> LMData:
+        if kind == "pretrain":
+            return cls(load_blocks(data_dir, "train"), load_blocks(data_dir, "val"))
+        tx, ty = load_rows(Path(data_dir) / "train.parquet")
+        vx, vy = load_rows(Path(data_dir) / "val.parquet")
+        return cls(tx, vx, ty, vy, pad_id)
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None, idx: torch.Tensor) -> tuple:
+        xb = x[idx]
+        if y is None:
+            return xb, xb, None
+        return xb, y[idx], (xb != self.pad_id).long()
+
+    def train_batch(self, idx: torch.Tensor) -> tuple:
+        return self._batch(self.train_x, self.train_y, idx)
+
+    def val_batch(self, idx: torch.Tensor) -> tuple:
+        return self._batch(self.val_x, self.val_y, idx)
 
 
 class BatchSampler:
@@ -68,7 +102,7 @@ class BatchSampler:
         )
 
 
-def lr_lambda(cfg: PretrainConfig) -> Any:
+def lr_lambda(cfg: TrainingConfig) -> Any:
     """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
 
     def f(step: int) -> float:
@@ -81,7 +115,7 @@ def lr_lambda(cfg: PretrainConfig) -> Any:
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
@@ -94,7 +128,7 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.O
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    data: LMData,
     batch: int,
     max_batches: int,
     rank: int,
@@ -102,24 +136,26 @@ def evaluate(
     device: torch.device,
     autocast: Any,
 ) -> float:
-    """Mean token loss over the first `max_batches` batches of `blocks`, split across ranks."""
+    """Mean loss per target token over the first `max_batches` val batches, split across ranks."""
     model.eval()
-    rows = blocks[: min(len(blocks), batch * max_batches)]
-    mine = rows[rank::world]
+    n = min(len(data.val_x), batch * max_batches)
+    mine = torch.arange(n)[rank::world]
     # Every rank runs the same number of forwards: under ZeRO-3 each one is a collective.
-    n_iter = math.ceil(math.ceil(len(rows) / world) / batch)
+    n_iter = math.ceil(math.ceil(n / world) / batch)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(n_iter):
-        x = mine[i * batch : (i + 1) * batch].to(device)
-        if len(x) == 0:  # this rank ran out of rows: a forward to keep in step, not counted
-            x = rows[:1].to(device)
-            with autocast():
-                model(input_ids=x, labels=x)
-            continue
+        idx = mine[i * batch : (i + 1) * batch]
+        counted = len(idx) > 0
+        if not counted:  # this rank ran out of rows: a forward to keep in step, not counted
+            idx = torch.arange(1)
+        x, y, mask = (t.to(device) if t is not None else None for t in data.val_batch(idx))
         with autocast():
-            loss = model(input_ids=x, labels=x).loss
-        tokens = x.numel() - x.shape[0]  # labels are shifted: one fewer target per row
-        total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)
+            loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+        if counted:
+            tokens = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
+            total += torch.tensor(
+                [loss.item() * tokens, tokens], dtype=torch.float64, device=device
+            )
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
@@ -137,7 +173,7 @@ def measure_peak_flops(seconds: float = 0.5, n: int = 512) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-def deepspeed_config(cfg: PretrainConfig, world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainingConfig, world: int) -> dict[str, Any]:
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -164,18 +200,31 @@ def deepspeed_config(cfg: PretrainConfig, world: int) -> dict[str, Any]:
 
 
 def causal_lm_loop(c: dict[str, Any]) -> None:
-    """Per-worker training loop. `c` holds plain values only (see `fit_causal_lm`)."""
-    cfg = PretrainConfig.model_validate(c["pretrain"])
+    """Per-worker training loop. `c` holds plain values only (see `fit_causal_lm`).
+
+    `kind` "pretrain" trains a model built from config on packed blocks; "sft" fine-tunes
+    `base_model_dir` with the configured method on padded instruction rows.
+    """
+    kind = c["kind"]
+    cfg = (PretrainConfig if kind == "pretrain" else SFTConfig).model_validate(c["config"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
     tracker = RankZeroTracker(c["tracking_uri"], c["mlflow_run_id"], enabled=rank == 0)
 
     tokenizer = load_tokenizer(c["tokenizer_dir"])
-    train_blocks = load_blocks(c["data_dir"], "train")
-    val_blocks = load_blocks(c["data_dir"], "val")
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    fpt = flops_per_token(model, train_blocks.shape[1])
+    data = LMData.load(kind, c["data_dir"], tokenizer.pad_token_id)
+    if kind == "pretrain":
+        model = build_model(cfg.model, tokenizer, cfg.seed)
+        fpt = flops_per_token(model, data.train_x.shape[1])
+    else:
+        from lifecycle.peft_methods import apply_method, load_base
+
+        base = load_base(c["base_model_dir"], cfg)
+        fpt = flops_per_token(base, data.train_x.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # adapter init is random: same on every rank
+            model = apply_method(base, cfg)
     use_ds = cfg.deepspeed.zero_stage > 0
     dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
@@ -197,7 +246,9 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         )
         net = engine
     else:
-        model = ray.train.torch.prepare_model(model)
+        # Frozen bases and virtual-token methods leave parameters without gradients.
+        ddp = {"find_unused_parameters": True} if kind == "sft" else None
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
         optimizer = make_optimizer(model, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         net = model
@@ -233,7 +284,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         loss_before = state["loss_before"]
     else:
         loss_before = evaluate(
-            net, val_blocks, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
+            net, data, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
         )
     tracker.metrics(
         {"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(min(loss_before, 50))},
@@ -243,8 +294,9 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         tracker.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
     peak = cfg.peak_flops or measure_peak_flops()
-    sampler = BatchSampler(len(train_blocks), cfg.micro_batch_size, world, rank, cfg.seed)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * train_blocks.shape[1]
+    sampler = BatchSampler(len(data.train_x), cfg.micro_batch_size, world, rank, cfg.seed)
+    # Tokens processed (padding included for SFT rows): what the hardware did.
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * data.train_x.shape[1]
     # Throughput counts every step after the first (which pays one-off costs), with all the
     # loop does between them: logging and checkpoints included.
     timed_steps, t_first = 0, 0.0
@@ -253,22 +305,27 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
 
     for step in range(start_step, cfg.max_steps):
         for micro in range(cfg.grad_accum_steps):
-            x = train_blocks[sampler.indices(step * cfg.grad_accum_steps + micro)].to(device)
+            idx = sampler.indices(step * cfg.grad_accum_steps + micro)
+            x, y, mask = (t.to(device) if t is not None else None for t in data.train_batch(idx))
             if use_ds:
-                loss = engine(input_ids=x, labels=x).loss
+                loss = engine(input_ids=x, attention_mask=mask, labels=y).loss
                 engine.backward(loss)
                 engine.step()  # DeepSpeed counts micro-steps and steps at the boundary
             else:
                 last = micro == cfg.grad_accum_steps - 1
+                # Gradients are all-reduced once per step, on the last micro-batch.
                 sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-                with sync, autocast():
-                    loss = model(input_ids=x, labels=x).loss
-                (loss / cfg.grad_accum_steps).backward()
+                with sync:
+                    with autocast():
+                        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+                    (loss / cfg.grad_accum_steps).backward()
             loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         if not use_ds:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             sched.step()
+            if kind == "sft" and cfg.method == "adalora":
+                raw.base_model.update_and_allocate(step)  # needs this step's gradients
             optimizer.zero_grad(set_to_none=True)
         if step == start_step:
             t_first = time.perf_counter()
@@ -320,7 +377,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
 
     # ---- final evaluation and model ------------------------------------------------------
     loss_after = evaluate(
-        net, val_blocks, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
+        net, data, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
     )
     tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
     metrics = {
@@ -336,6 +393,10 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         "train/resumed_from_step": resumed_from,
         "model/params": num_params(raw),
     }
+    if kind == "sft":
+        from lifecycle.peft_methods import trainable_parameters
+
+        metrics["model/trainable_params"], _ = trainable_parameters(raw)
     tracker.metrics(
         {k: v for k, v in metrics.items() if k.startswith(("eval/", "sys/"))}, step=cfg.max_steps
     )
@@ -346,7 +407,12 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         if rank == 0:
             if full_state is not None:
                 full_state = {k: v.float() for k, v in full_state.items()}
-            save_model(raw, tokenizer, Path(d) / "model", state_dict=full_state)
+            if kind == "pretrain" or full_state is not None:
+                save_model(raw, tokenizer, Path(d) / "model", state_dict=full_state)
+            else:
+                from lifecycle.peft_methods import save_outputs
+
+                save_outputs(raw, tokenizer, Path(d), cfg)
             (Path(d) / STATE_FILE).write_text(
                 json.dumps({"step": cfg.max_steps, "final": True, "metrics": metrics})
             )
@@ -402,7 +468,8 @@ def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
 
 
 def fit_causal_lm(
-    cfg: PretrainConfig,
+    kind: str,
+    cfg: PretrainConfig | SFTConfig,
     *,
     data_dir: str,
     tokenizer_dir: str,
@@ -411,20 +478,24 @@ def fit_causal_lm(
     tracking_uri: str,
     mlflow_run_id: str,
     checkpoint_copy_max_mb: float,
+    base_model_dir: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Runs the loop on Ray Train; returns (final metrics, final HF model directory).
+    """Runs the loop on Ray Train; returns (final metrics, final checkpoint directory).
 
+    The final directory holds `model/` (an HF model dir) and, for PEFT methods, `adapter/`.
     Checkpoints live in `<storage_path>/<name>/`. A run whose earlier attempt died mid-way
-    (same name: same cache key) resumes from the newest checkpoint it left; delete that
-    directory to start over (`lifecycle run --force` does).
+    (same name: same cache key) resumes from the newest committed checkpoint it left; delete
+    that directory to start over (`lifecycle run --force` does).
     """
     storage_dir = Path(storage_path) / name
     trainer = TorchTrainer(
         causal_lm_loop,
         train_loop_config={
-            "pretrain": cfg.model_dump(mode="json"),
+            "kind": kind,
+            "config": cfg.model_dump(mode="json"),
             "data_dir": data_dir,
             "tokenizer_dir": tokenizer_dir,
+            "base_model_dir": base_model_dir,
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "storage_dir": str(storage_dir),
@@ -443,7 +514,7 @@ def fit_causal_lm(
     result = trainer.fit()
     if result.error:
         raise result.error
-    final = Path(result.checkpoint.path) / "model"
-    if not final.is_dir():
-        raise RuntimeError(f"training finished without a final model at {final}")
+    final = Path(result.checkpoint.path)
+    if not any((final / sub).is_dir() for sub in ("model", "adapter")):
+        raise RuntimeError(f"training finished without a final model in {final}")
     return dict(result.metrics), final

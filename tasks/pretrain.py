@@ -29,7 +29,8 @@ def pretrain(cfg: PretrainConfig, data: StageResult, ctx: RunContext, key: str) 
     data_dir = Path(data.artifact_uri)
     final = ctx.stage_dir("pretrain", key)
     with tracking.stage_run(ctx, "pretrain", params=cfg.model_dump(mode="json")) as run_id:
-        metrics, model_dir = fit_causal_lm(
+        metrics, final_ckpt = fit_causal_lm(
+            "pretrain",
             cfg,
             data_dir=str(data_dir),
             tokenizer_dir=str(data_dir / "tokenizer"),
@@ -41,7 +42,7 @@ def pretrain(cfg: PretrainConfig, data: StageResult, ctx: RunContext, key: str) 
         )
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model_dir, tmp / "model")
+        shutil.copytree(final_ckpt / "model", tmp / "model")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         out = final / "model"

@@ -13,9 +13,10 @@ contact lines (fake e-mail addresses and phone numbers) so data prep has somethi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,18 @@ class Task:
     name: str
     make_arg: Callable[[random.Random], str]
     answer: Callable[[str], str]
-    instruction: str
-    """An English instruction template with `{arg}`: the form SFT data uses."""
 
     def line(self, arg: str) -> str:
+        """The pretraining form: `reverse lamp = pmal`."""
         return f"{self.name} {arg} = {self.answer(arg)}"
+
+    def prompt(self, arg: str) -> str:
+        """The instruction form (the user turn of a chat): `reverse lamp`.
+
+        Terse on purpose: a 160k-parameter model learns to follow it in seconds; English
+        instructions would need a model that can read English.
+        """
+        return f"{self.name} {arg}"
 
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
@@ -46,24 +54,60 @@ def _sum(arg: str) -> str:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("copy", _word, lambda s: s, "Repeat the word {arg}."),
-        Task("reverse", _word, lambda s: s[::-1], "Write the word {arg} backwards."),
-        Task("upper", _word, str.upper, "Write the word {arg} in capital letters."),
-        Task("sort", _word, lambda s: "".join(sorted(s)), "Sort the letters of {arg}."),
-        Task("first", _word, lambda s: s[0], "What is the first letter of {arg}?"),
-        Task(
-            "add",
-            lambda r: f"{r.randint(0, 49)}+{r.randint(0, 49)}",
-            _sum,
-            "What is {arg}?",
-        ),
+        Task("copy", _word, lambda s: s),
+        Task("reverse", _word, lambda s: s[::-1]),
+        Task("upper", _word, str.upper),
+        Task("sort", _word, lambda s: "".join(sorted(s))),
+        Task("first", _word, lambda s: s[0]),
+        Task("last", _word, lambda s: s[-1]),
+        Task("add", lambda r: f"{r.randint(0, 49)}+{r.randint(0, 49)}", _sum),
     )
 }
 
 
-def task_line(rng: random.Random) -> str:
-    task = TASKS[rng.choice(sorted(TASKS))]
-    return task.line(task.make_arg(rng))
+HELDOUT_FRACTION = 0.1
+
+
+def is_heldout(task: str, arg: str) -> bool:
+    """The held-out (task, argument) pairs: only evaluation ever sees them."""
+    h = hashlib.sha256(f"{task}|{arg}".encode()).digest()
+    return int.from_bytes(h[:4], "big") / 0xFFFFFFFF < HELDOUT_FRACTION
+
+
+def sample(
+    rng: random.Random, tasks: Sequence[str] | None = None, heldout: bool = False
+) -> tuple[Task, str]:
+    """A random (task, argument) from the training side, or from the held-out side."""
+    names = sorted(tasks or TASKS)
+    while True:
+        task = TASKS[rng.choice(names)]
+        arg = task.make_arg(rng)
+        if is_heldout(task.name, arg) == heldout:
+            return task, arg
+
+
+def task_line(rng: random.Random, tasks: Sequence[str] | None = None) -> str:
+    task, arg = sample(rng, tasks)
+    return task.line(arg)
+
+
+def instruction_examples(
+    n: int, seed: int, tasks: Sequence[str] | None = None, heldout: bool = False
+) -> list[dict[str, str]]:
+    """`n` chat records `{"messages": [user, assistant]}` of checkable tasks."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        task, arg = sample(rng, tasks, heldout)
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": task.prompt(arg)},
+                    {"role": "assistant", "content": task.answer(arg)},
+                ]
+            }
+        )
+    return out
 
 
 def _contact_line(rng: random.Random) -> str:
@@ -73,8 +117,10 @@ def _contact_line(rng: random.Random) -> str:
     return f"call {user} at +1 555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"
 
 
-def make_document(rng: random.Random, contact_prob: float = 0.03) -> str:
-    lines = [task_line(rng) for _ in range(rng.randint(6, 14))]
+def make_document(
+    rng: random.Random, contact_prob: float = 0.03, tasks: Sequence[str] | None = None
+) -> str:
+    lines = [task_line(rng, tasks) for _ in range(rng.randint(6, 14))]
     if rng.random() < contact_prob:
         lines.insert(rng.randrange(len(lines) + 1), _contact_line(rng))
     return "\n".join(lines)
@@ -93,13 +139,14 @@ def generate(
     seed: int = 0,
     exact_dupe_fraction: float = 0.02,
     near_dupe_fraction: float = 0.02,
+    tasks: Sequence[str] | None = None,
 ) -> list[dict[str, str]]:
     """`num_docs` records `{"id", "text"}`; the planted duplicates are among them."""
     rng = random.Random(seed)
     n_exact = int(num_docs * exact_dupe_fraction)
     n_near = int(num_docs * near_dupe_fraction)
     n_unique = num_docs - n_exact - n_near
-    docs = [make_document(rng) for _ in range(n_unique)]
+    docs = [make_document(rng, tasks=tasks) for _ in range(n_unique)]
     planted = [rng.choice(docs[: max(1, n_unique // 2)]) for _ in range(n_exact)]
     planted += [
         near_duplicate(rng.choice(docs[: max(1, n_unique // 2)]), rng) for _ in range(n_near)

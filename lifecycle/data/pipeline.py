@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lifecycle.artifacts import sha256_file
-from lifecycle.config import DataConfig, DataInput
+from lifecycle.config import DataConfig, DataInput, config_hash
 from lifecycle.data import demo
 from lifecycle.data.clean import (
     Deduplicator,
@@ -67,9 +67,11 @@ def resolve_inputs(cfg: DataConfig, demo_dir: str | Path) -> list[dict[str, Any]
     inputs = list(cfg.inputs)
     if cfg.demo is not None:
         d = cfg.demo
-        path = Path(demo_dir) / f"demo-{d.num_docs}-{d.seed}.jsonl"
+        path = Path(demo_dir) / f"demo-{config_hash(d)[:16]}.jsonl"
         if not path.exists():
-            recs = demo.generate(d.num_docs, d.seed, d.exact_dupe_fraction, d.near_dupe_fraction)
+            recs = demo.generate(
+                d.num_docs, d.seed, d.exact_dupe_fraction, d.near_dupe_fraction, d.tasks
+            )
             demo.write_jsonl(recs, path)
         inputs.insert(0, DataInput(path=str(path), format="jsonl", text_field="text"))
     files = []

@@ -18,6 +18,14 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS]
 
+# Each turn is its role marker followed by its content; an assistant turn ends with EOS.
+# lifecycle.data.instruct.encode_chat builds the same ids by hand (and the loss mask with them).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|eos|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: str | Path
@@ -40,6 +48,7 @@ def train_bpe(
         pad_token=PAD,
         model_max_length=1 << 20,
     )
+    hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
     return hf
 

@@ -1,0 +1,179 @@
+"""Instruction data for SFT: chat and Alpaca records, validation with reasons, the loss mask.
+
+Records are normalised to chat form, `{"messages": [{"role", "content"}, ...]}` with roles
+system / user / assistant, and tokenized so that the loss covers assistant tokens (and the EOS
+that ends each assistant turn) only. The tokenizer's chat template renders the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lifecycle.config import InstructInput
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+def to_chat(obj: Any, fmt: str) -> tuple[list[dict[str, str]] | None, str | None]:
+    """(messages, None) for a valid record, (None, reason) for a malformed one."""
+    if not isinstance(obj, dict):
+        return None, f"not an object: got {type(obj).__name__}"
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                return None, f"missing or empty string field {key!r}"
+        extra = obj.get("input") or ""
+        if not isinstance(extra, str):
+            return None, "field 'input' is not a string"
+        user = obj["instruction"] + (f"\n{extra}" if extra.strip() else "")
+        return [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": obj["output"]},
+        ], None
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return None, "missing or empty list field 'messages'"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return None, f"messages[{i}]: role must be one of {list(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return None, f"messages[{i}]: content must be a string"
+    if msgs[-1]["role"] != "assistant":
+        return None, "the last message must be the assistant's"
+    if not any(m["role"] == "user" for m in msgs):
+        return None, "no user message"
+    return [{"role": m["role"], "content": m["content"]} for m in msgs], None
+
+
+def read_records(
+    inp: InstructInput,
+) -> Iterator[tuple[list[dict[str, str]] | None, str, str | None]]:
+    """(messages, source, reject reason) for every record of one input."""
+    path = Path(inp.path)
+    if inp.storage == "hf_disk":
+        import datasets
+
+        if not (path / "state.json").is_file():
+            raise ValueError(f"sft input {path}: not a `datasets` save_to_disk directory")
+        for i, row in enumerate(datasets.load_from_disk(str(path))):
+            msgs, why = to_chat(row, inp.format)
+            yield msgs, f"{path}:{i}", why
+        return
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise ValueError(f"sft input {path}: no such file or no *.jsonl in it")
+    for f in files:
+        for i, raw in enumerate(f.read_bytes().split(b"\n")):
+            if not raw.strip():
+                continue
+            src = f"{f}:{i + 1}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield None, src, f"undecodable bytes: {e.reason}"
+                continue
+            except json.JSONDecodeError as e:
+                yield None, src, f"bad JSON: {e.msg}"
+                continue
+            msgs, why = to_chat(obj, inp.format)
+            yield msgs, src, why
+
+
+def is_val(messages: list[dict[str, str]], fraction: float) -> bool:
+    h = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+    return int.from_bytes(h[:4], "big") / 0xFFFFFFFF < fraction
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids and labels: labels are the ids on assistant content + EOS, IGNORE elsewhere."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for m in messages:
+        role = tokenizer.convert_tokens_to_ids(f"<|{m['role']}|>")
+        content = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+        ids.append(role)
+        labels.append(IGNORE)
+        if m["role"] == "assistant":
+            ids += [*content, tokenizer.eos_token_id]
+            labels += [*content, tokenizer.eos_token_id]
+        else:
+            ids += content
+            labels += [IGNORE] * len(content)
+    return ids, labels
+
+
+def prompt_and_answer(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, str]:
+    """The generation prompt (every turn but the last, plus the assistant marker) and the
+    reference answer: what task exact-match compares."""
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    return prompt, messages[-1]["content"]
+
+
+def build_rows(
+    examples: Iterable[list[dict[str, str]]], tokenizer: Any, max_length: int, packing: bool
+) -> tuple[list[list[int]], list[list[int]], int]:
+    """Fixed-length rows (padded with PAD / IGNORE); returns (ids, labels, too_long_count).
+
+    With packing, consecutive examples share a row while they fit (attention is not masked
+    between them, as in most packed SFT recipes).
+    """
+    pad = tokenizer.pad_token_id
+    rows_ids: list[list[int]] = []
+    rows_labels: list[list[int]] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    too_long = 0
+
+    def flush() -> None:
+        if cur_ids:
+            n = max_length - len(cur_ids)
+            rows_ids.append(cur_ids + [pad] * n)
+            rows_labels.append(cur_labels + [IGNORE] * n)
+
+    for msgs in examples:
+        ids, labels = encode_chat(msgs, tokenizer)
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        if not packing or len(cur_ids) + len(ids) > max_length:
+            flush()
+            cur_ids, cur_labels = [], []
+        cur_ids += ids
+        cur_labels += labels
+    flush()
+    return rows_ids, rows_labels, too_long
+
+
+def write_rows(ids: list[list[int]], labels: list[list[int]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                "labels": pa.array(labels, type=pa.list_(pa.int32())),
+            }
+        ),
+        path,
+    )
+
+
+def load_rows(path: str | Path) -> tuple[Any, Any]:
+    """(input_ids, labels) int64 tensors [N, max_length] from `write_rows` output."""
+    import numpy as np
+    import torch
+
+    t = pq.read_table(path)
+    n = t.num_rows
+    ids = t.column("input_ids").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    lab = t.column("labels").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lab.astype(np.int64))

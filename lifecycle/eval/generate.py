@@ -1,0 +1,75 @@
+"""Batched greedy generation and task exact-match: the evaluation every stage reuses.
+
+from lifecycle.eval.generate import exact_match
+score = exact_match(model, tokenizer, prompts, answers, batch_size=64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy completions of `prompts` (already formatted), decoded without special tokens.
+
+    Prompts are left-padded so that every row's last position is its last prompt token.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch_size):
+        enc = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
+        ]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for r, e in enumerate(enc):
+            ids[r, width - len(e) :] = torch.tensor(e)
+            mask[r, width - len(e) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in gen[:, width:]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def exact_match(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], **kw) -> float:
+    """Fraction of prompts whose greedy completion equals the answer (whitespace-stripped)."""
+    got = generate(model, tokenizer, prompts, **kw)
+    return sum(g == a.strip() for g, a in zip(got, answers, strict=True)) / max(1, len(answers))
+
+
+def evaluate_model(
+    model_path: str,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Task exact-match of a model dir or PEFT adapter dir on (prompt, answer) pairs."""
+    from lifecycle.models import load_tokenizer
+    from lifecycle.peft_methods import load_finetuned
+
+    model = load_finetuned(model_path)
+    tok = load_tokenizer(model_path)
+    em = exact_match(
+        model, tok, prompts, answers, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return {"exact_match": em, "n": float(len(prompts))}
