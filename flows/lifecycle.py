@@ -50,6 +50,27 @@ class PipelineFailed(RuntimeError):
         self.summary = summary
 
 
+DEPENDS: dict[str, tuple[str, ...]] = {"data": (), "pretrain": ("data",), "sft": ("pretrain",)}
+"""Each stage's upstream stages, whose StageResults it takes (in this order)."""
+
+
+def needed_stages(requested: list[str], sources: dict[str, str]) -> set[str]:
+    """The requested stages and what they need upstream, stopping at `--from` sources."""
+    need: set[str] = set()
+
+    def visit(stage: str) -> None:
+        if stage in need:
+            return
+        need.add(stage)
+        if stage not in sources:
+            for up in DEPENDS[stage]:
+                visit(up)
+
+    for stage in requested:
+        visit(stage)
+    return need
+
+
 class _Chain:
     """Runs stages in order, keeping the results and deciding cached / skipped / failed."""
 
@@ -67,6 +88,7 @@ class _Chain:
         self.log = get_run_logger()
         self.failed = False
         self.started_ray: bool | None = None  # connected lazily: an all-cached run needs no Ray
+        self.needed = needed_stages(requested, sources)
 
     def close(self) -> None:
         if self.started_ray is not None:
@@ -80,8 +102,12 @@ class _Chain:
         return cache_key(stage, h, upstream, self.ctx.code_version)
 
     def run(
-        self, stage: str, upstream: list[str], call: Callable[[str, list[StageResult]], StageResult]
+        self, stage: str, call: Callable[[str, list[StageResult]], StageResult]
     ) -> StageResult | None:
+        """Runs (or finds in the cache) one stage; `call(key, upstream_results)` runs it."""
+        if stage not in self.needed:
+            return None
+        upstream = DEPENDS[stage]
         section = self.cfg.section(stage)
         if stage in self.sources:
             src = self.sources[stage]
@@ -189,15 +215,13 @@ def lifecycle_flow(
     opts = {"retries": cfg.flow.retries, "retry_delay_seconds": cfg.flow.retry_delay_s}
     chain = _Chain(cfg, ctx, requested, force, sources)
     try:
-        chain.run("data", [], lambda key, up: prepare_data.with_options(**opts)(cfg.data, ctx, key))
+        chain.run("data", lambda key, up: prepare_data.with_options(**opts)(cfg.data, ctx, key))
         chain.run(
             "pretrain",
-            ["data"],
             lambda key, up: pretrain.with_options(**opts)(cfg.pretrain, up[0], ctx, key),
         )
         chain.run(
             "sft",
-            ["pretrain"],
             lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
     finally:

@@ -380,6 +380,11 @@ class SFTConfig(TrainingConfig):
     def _method_constraints(self) -> SFTConfig:
         if self.method == "qlora":
             _check_qlora(self)
+        if self.method == "adalora" and self.deepspeed.zero_stage > 0:
+            raise ValueError(
+                "method adalora reallocates ranks from gradients after each optimizer step, "
+                "which the DeepSpeed engine hides: use deepspeed.zero_stage 0 (DDP)"
+            )
         if self.deepspeed.zero_stage == 3 and self.method != "full":
             raise ValueError(
                 f"method {self.method} with deepspeed.zero_stage 3 is not supported: "

@@ -38,11 +38,14 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     assert rc == 0, summary
     assert summary["status"] == "completed"
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["data", "pretrain"]
+    assert list(stages) == ["data", "pretrain", "sft"]
     assert all(s["status"] == "completed" for s in stages.values())
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
+    sft = stages["sft"]["metrics"]
+    assert sft["eval/exact_match_after"] >= 0.5, sft
+    assert sft["eval/exact_match_after"] - sft["eval/exact_match_before"] >= 0.3, sft
     assert stages["data"]["metrics"]["exact_dupes_removed"] > 0
     assert stages["data"]["metrics"]["near_dupes_removed"] > 0
     on_disk = json.loads((ws / "runs" / "first" / "summary.json").read_text())
@@ -53,7 +56,7 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
     parent = summary["mlflow"]["parent_run_id"]
     children = tracking.child_runs(uri, exp, parent)
-    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == ["data", "pretrain"]
+    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == ["data", "pretrain", "sft"]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
     assert len(tracking.list_checkpoints(uri, pre_run)) >= 2
@@ -68,12 +71,18 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     assert mv.tags["lifecycle.config_hash"] and mv.tags["lifecycle.git_sha"]
     model_dir = Path(stages["pretrain"]["artifact_uri"])
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    sft_run = tracking.get_run(uri, stages["sft"]["mlflow_run_id"])
+    assert sft_run.data.metrics["eval/exact_match_after"] == sft["eval/exact_match_after"]
+    sft_mv = tracking.model_version(
+        uri, "tiny-llm-sft", sft_run.data.tags["lifecycle.model_version"]
+    )
+    assert sft_mv.tags["lifecycle.parent_model"] == f"tiny-llm-pretrain/{version}"
 
     # The same command again: both stages cached, nothing trained, nothing new recorded.
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached", "cached"]
+    assert [s["status"] for s in again["stages"]] == ["cached", "cached", "cached"]
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
@@ -84,6 +93,25 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     assert len(runs) == 1
     assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
     assert tracking.child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
+
+    # A sub-chain from a registered model: fine-tune pretrain version 1 again, briefly.
+    rc, sub = _run(
+        ws,
+        "--stages",
+        "sft",
+        "--from",
+        "pretrain=models:/tiny-llm-pretrain/1",
+        "--set",
+        "sft.max_steps=40",
+        "--set",
+        "sft.checkpoint_every=20",
+    )
+    assert rc == 0, sub
+    assert [(s["stage"], s["status"]) for s in sub["stages"]] == [("sft", "completed")]
+    fetched = ws / "external" / "tiny-llm-pretrain" / "1"
+    assert (fetched / "model.safetensors").is_file()
+    sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
+    assert len(sub_mv) == 2
 
 
 def test_failed_stage_exits_nonzero_with_summary(tmp_path):
@@ -98,6 +126,6 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     )
     assert rc == 1
     assert summary["status"] == "failed"
-    data, pre = summary["stages"]
+    data, pre, sft = summary["stages"]
     assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert pre["status"] == "skipped"
+    assert pre["status"] == "skipped" and sft["status"] == "skipped"

@@ -49,3 +49,13 @@ def test_dir_manifest(tmp_path):
     assert set(m["files"]) == {"a.txt", "sub/b.txt"}
     assert m["bytes"] == 6
     assert m["files"]["a.txt"]["sha256"].startswith("2cf24dba")
+
+
+def test_needed_stages_stop_at_sources():
+    from flows.lifecycle import DEPENDS, needed_stages
+    from lifecycle.config import STAGES
+
+    assert set(DEPENDS) == set(STAGES)
+    assert needed_stages(["sft"], {}) == {"data", "pretrain", "sft"}
+    assert needed_stages(["sft"], {"pretrain": "/m"}) == {"pretrain", "sft"}
+    assert needed_stages(["data"], {}) == {"data"}
