@@ -103,6 +103,16 @@ class DataInput(_Strict):
     text_field: str = "text"
 
 
+def _check_demo_tasks(tasks: list[str] | None) -> None:
+    from lifecycle.data.demo import TASKS
+
+    unknown = sorted(set(tasks or []) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown demo task(s) {unknown}: choose from {sorted(TASKS)}")
+    if tasks is not None and not tasks:
+        raise ValueError("tasks is empty: list at least one, or null for all")
+
+
 class DemoConfig(_Strict):
     """The generated demo corpus (lifecycle.data.demo): checkable task lines in documents."""
 
@@ -114,13 +124,7 @@ class DemoConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> DemoConfig:
-        from lifecycle.data.demo import TASKS
-
-        unknown = sorted(set(self.tasks or []) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown demo task(s) {unknown}: choose from {sorted(TASKS)}")
-        if self.tasks is not None and not self.tasks:
-            raise ValueError("tasks is empty: list at least one, or null for all")
+        _check_demo_tasks(self.tasks)
         return self
 
 
@@ -333,11 +337,7 @@ class InstructDemoConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> InstructDemoConfig:
-        from lifecycle.data.demo import TASKS
-
-        unknown = sorted(set(self.tasks or []) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown demo task(s) {unknown}: choose from {sorted(TASKS)}")
+        _check_demo_tasks(self.tasks)
         return self
 
 
