@@ -224,6 +224,9 @@ def lifecycle_flow(
             "sft",
             lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")  # e.g. a needed upstream result is missing
+        raise
     finally:
         chain.close()
 
