@@ -105,6 +105,25 @@ class ProgramJudge:
         return 0.9 * difflib.SequenceMatcher(None, response.strip(), answer).ratio()
 
 
+def demo_pairs(
+    n: int, seed: int, tasks: Sequence[str] | None = None, heldout: bool = False
+) -> list[dict[str, Any]]:
+    """Preference pairs from the demo tasks: the right answer over a near miss (one letter
+    changed), for reward-model training and its held-out accuracy."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for ex in demo.instruction_examples(n, seed, tasks, heldout):
+        prompt, answer = ex["messages"][:-1], ex["messages"][-1]["content"]
+        i = rng.randrange(len(answer))
+        wrong = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != answer[i].lower()])
+        out.append(
+            {"prompt": prompt, "chosen": answer, "rejected": answer[:i] + wrong + answer[i + 1 :]}
+        )
+    return out
+
+
 def rlaif_records(
     prompts: Sequence[str], responses: Sequence[Sequence[str]], judge: ProgramJudge
 ) -> list[dict[str, Any]]:

@@ -116,3 +116,32 @@ def test_sequence_logprob_sums_scored_tokens(tmp_path):
         s = sequence_logprob(model, ids, labels)
         lp, _ = token_logprobs(model(input_ids=ids).logits, labels)
     assert torch.allclose(s, lp.sum(-1)) and (s < 0).all()
+
+
+def test_reward_model_learns_to_rank_right_over_near_miss(tmp_path):
+    from lifecycle.data import demo
+    from lifecycle.data.preference import demo_pairs
+    from lifecycle.models import save_model
+    from lifecycle.rlhf.reward import accuracy, encode_pairs, pair_loss, reward_model_from
+
+    texts = [r["text"] for r in demo.generate(200, 0, tasks=["upper"])]
+    tok = train_bpe(texts, 280, 2, tmp_path / "tok")
+    base = build_model(
+        ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64), tok, seed=0
+    )
+    save_model(base, tok, tmp_path / "base")
+    rm = reward_model_from(tmp_path / "base")
+    train = encode_pairs(demo_pairs(256, 0, ["upper"]), tok, 24)
+    held = encode_pairs(demo_pairs(64, 1, ["upper"], heldout=True), tok, 24)
+    assert all(p["chosen"] != p["rejected"] for p in demo_pairs(10, 0))
+    before = accuracy(rm, *held, tok.pad_token_id)
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    rm.train()
+    for step in range(60):
+        sl = slice((step * 32) % 256, (step * 32) % 256 + 32)
+        loss, _ = pair_loss(rm, train[0][sl], train[1][sl], tok.pad_token_id)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy(rm, *held, tok.pad_token_id)
+    assert after > before and after >= 0.8, (before, after)
