@@ -53,36 +53,44 @@ def to_chat(obj: Any, fmt: str) -> tuple[list[dict[str, str]] | None, str | None
     return [{"role": m["role"], "content": m["content"]} for m in msgs], None
 
 
-def read_records(
-    inp: InstructInput,
-) -> Iterator[tuple[list[dict[str, str]] | None, str, str | None]]:
-    """(messages, source, reject reason) for every record of one input."""
-    path = Path(inp.path)
-    if inp.storage == "hf_disk":
+def iter_objects(
+    path: str | Path, storage: str, what: str
+) -> Iterator[tuple[Any, str, str | None]]:
+    """(object, source, None) for every record of a jsonl file/dir or a `datasets` dir, or
+    (None, source, reason) for a line that is not JSON. Raises when the input does not exist."""
+    path = Path(path)
+    if storage == "hf_disk":
         import datasets
 
         if not (path / "state.json").is_file():
-            raise ValueError(f"sft input {path}: not a `datasets` save_to_disk directory")
+            raise ValueError(f"{what} input {path}: not a `datasets` save_to_disk directory")
         for i, row in enumerate(datasets.load_from_disk(str(path))):
-            msgs, why = to_chat(row, inp.format)
-            yield msgs, f"{path}:{i}", why
+            yield row, f"{path}:{i}", None
         return
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
-        raise ValueError(f"sft input {path}: no such file or no *.jsonl in it")
+        raise ValueError(f"{what} input {path}: no such file or no *.jsonl in it")
     for f in files:
         for i, raw in enumerate(f.read_bytes().split(b"\n")):
             if not raw.strip():
                 continue
             src = f"{f}:{i + 1}"
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                yield json.loads(raw.decode("utf-8")), src, None
             except UnicodeDecodeError as e:
                 yield None, src, f"undecodable bytes: {e.reason}"
-                continue
             except json.JSONDecodeError as e:
                 yield None, src, f"bad JSON: {e.msg}"
-                continue
+
+
+def read_records(
+    inp: InstructInput,
+) -> Iterator[tuple[list[dict[str, str]] | None, str, str | None]]:
+    """(messages, source, reject reason) for every record of one input."""
+    for obj, src, why in iter_objects(inp.path, inp.storage, "sft"):
+        if why is not None:
+            yield None, src, why
+        else:
             msgs, why = to_chat(obj, inp.format)
             yield msgs, src, why
 

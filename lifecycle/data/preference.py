@@ -9,14 +9,13 @@ differ. The audit record of every prompt keeps all responses, scores and the jud
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lifecycle.data import demo
-from lifecycle.data.instruct import ROLES
+from lifecycle.data.instruct import ROLES, iter_objects
 
 
 def to_pair(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -61,30 +60,12 @@ def read_pairs(
     path: str | Path, storage: str = "jsonl"
 ) -> Iterator[tuple[dict | None, str, str | None]]:
     """(pair, source, reject reason) for every record of a jsonl file/dir or `datasets` dir."""
-    path = Path(path)
-    if storage == "hf_disk":
-        import datasets
-
-        if not (path / "state.json").is_file():
-            raise ValueError(f"preference input {path}: not a `datasets` save_to_disk directory")
-        for i, row in enumerate(datasets.load_from_disk(str(path))):
-            pair, why = to_pair(row)
-            yield pair, f"{path}:{i}", why
-        return
-    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise ValueError(f"preference input {path}: no such file or no *.jsonl in it")
-    for f in files:
-        for i, raw in enumerate(f.read_bytes().split(b"\n")):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield None, f"{f}:{i + 1}", f"bad record: {e}"
-                continue
+    for obj, src, why in iter_objects(path, storage, "preference"):
+        if why is not None:
+            yield None, src, why
+        else:
             pair, why = to_pair(obj)
-            yield pair, f"{f}:{i + 1}", why
+            yield pair, src, why
 
 
 @dataclass(frozen=True)

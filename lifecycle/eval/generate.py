@@ -11,6 +11,18 @@ from collections.abc import Sequence
 import torch
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with every row right-aligned: generation continues all rows at
+    the same position."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -31,12 +43,8 @@ def generate(
         enc = [
             tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
         ]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for r, e in enumerate(enc):
-            ids[r, width - len(e) :] = torch.tensor(e)
-            mask[r, width - len(e) :] = 1
+        ids, mask = left_pad(enc, pad)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -96,12 +104,8 @@ def sample(
         enc = [
             tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]
         ]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for r, e in enumerate(enc):
-            ids[r, width - len(e) :] = torch.tensor(e)
-            mask[r, width - len(e) :] = 1
+        ids, mask = left_pad(enc, pad)
+        width = ids.shape[1]
         # generate() draws from the global RNG: seed it from our generator, per batch.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))

@@ -35,7 +35,7 @@ def test_pairs_plain_and_chat_with_rejects(tmp_path):
     assert reasons[0] == "missing or empty 'rejected' (a string or one assistant message)"
     assert reasons[1] == "chosen and rejected are identical"
     assert reasons[2] == "the prompt's last message must be the user's"
-    assert reasons[3].startswith("bad record")
+    assert reasons[3].startswith("bad JSON")
     assert to_pair("text")[1] == "not an object: got str"
 
 
