@@ -39,6 +39,7 @@ from lifecycle.data.pipeline import input_fingerprint
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
 from tasks.pretrain import pretrain
+from tasks.rlhf import align
 from tasks.sft import finetune
 
 
@@ -50,7 +51,12 @@ class PipelineFailed(RuntimeError):
         self.summary = summary
 
 
-DEPENDS: dict[str, tuple[str, ...]] = {"data": (), "pretrain": ("data",), "sft": ("pretrain",)}
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "pretrain": ("data",),
+    "sft": ("pretrain",),
+    "rlhf": ("sft",),
+}
 """Each stage's upstream stages, whose StageResults it takes (in this order)."""
 
 
@@ -224,6 +230,7 @@ def lifecycle_flow(
             "sft",
             lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
+        chain.run("rlhf", lambda key, up: align.with_options(**opts)(cfg.rlhf, up[0], ctx, key))
     except BaseException:
         tracking.end_run(uri, parent, "FAILED")  # e.g. a needed upstream result is missing
         raise

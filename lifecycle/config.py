@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("data", "pretrain", "sft")
+STAGES: tuple[str, ...] = ("data", "pretrain", "sft", "rlhf")
 """Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
 
 
@@ -411,6 +411,107 @@ def _check_qlora(cfg: SFTConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# RLHF
+# --------------------------------------------------------------------------------------------
+
+
+class PreferenceInput(_Strict):
+    """prompt/chosen/rejected records (plain strings or chat form)."""
+
+    path: str
+    storage: Literal["jsonl", "hf_disk"] = "jsonl"
+
+
+class LLMJudgeConfig(_Strict):
+    """A local causal LM as judge: score = p(yes) after the rendered template."""
+
+    model_dir: str
+    template: str = Field(
+        "<|user|>Question: {prompt}\nAnswer: {response}\nIs the answer correct?<|assistant|>",
+        description="with {prompt} and {response}",
+    )
+    yes: str = "yes"
+
+    @model_validator(mode="after")
+    def _fields(self) -> LLMJudgeConfig:
+        if "{prompt}" not in self.template or "{response}" not in self.template:
+            raise ValueError("template must contain {prompt} and {response}")
+        return self
+
+
+class RLAIFConfig(_Strict):
+    """Preference data from AI feedback: K samples per prompt from the SFT policy, judged."""
+
+    num_prompts: int = Field(512, ge=1)
+    k: int = Field(4, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(12, ge=1)
+    num_workers: int = Field(2, ge=1, description="Ray tasks sampling in parallel")
+    judge: Literal["program", "reward_model", "llm"] = "program"
+    llm_judge: LLMJudgeConfig | None = None
+
+    @model_validator(mode="after")
+    def _judge(self) -> RLAIFConfig:
+        if self.judge == "llm" and self.llm_judge is None:
+            raise ValueError("judge: llm needs llm_judge: {model_dir, template}")
+        return self
+
+
+class RewardModelConfig(_Strict):
+    """Bradley-Terry reward model on the SFT model's architecture, trained on the pairs."""
+
+    max_steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    micro_batch_size: int = Field(32, ge=1)
+    demo_pairs: int = Field(1000, ge=0, description="demo near-miss pairs added to training")
+    heldout_pairs: int = Field(200, ge=1, description="held-out demo near-miss pairs: accuracy")
+
+
+class RLHFConfig(TrainingConfig):
+    algorithm: Literal["dpo", "grpo", "ppo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="DPO temperature / GRPO and PPO KL coefficient")
+    nll_weight: float = Field(1.0, ge=0, description="DPO: + weight × NLL of chosen (RPO)")
+    inputs: list[PreferenceInput] = Field(default_factory=list)
+    rlaif: RLAIFConfig | None = RLAIFConfig()
+    reward_model: RewardModelConfig | None = RewardModelConfig()
+    reward: Literal["judge", "reward_model"] = Field(
+        "judge", description="what scores GRPO/PPO rollouts: the RLAIF judge or the reward model"
+    )
+    group_size: int = Field(4, ge=2, description="GRPO samples per prompt")
+    ppo_epochs: int = Field(2, ge=1)
+    clip: float = Field(0.2, gt=0)
+    prompts_per_step: int = Field(8, ge=1, description="GRPO/PPO prompts per update")
+    max_new_tokens: int = Field(12, ge=1)
+    lora: LoraOptions | None = Field(None, description="train LoRA adapters on the policy")
+    demo_tasks: list[str] | None = Field(None, description="demo families for prompts and pairs")
+    eval_prompts: int = Field(200, ge=1)
+    eval_samples: int = Field(4, ge=1, description="samples per prompt for mean reward")
+    max_length: int = Field(48, ge=8)
+    lr: float = Field(5e-4, gt=0)
+    max_steps: int = Field(200, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _sources(self) -> RLHFConfig:
+        _check_demo_tasks(self.demo_tasks)
+        if self.algorithm == "dpo" and not self.inputs and self.rlaif is None:
+            raise ValueError("dpo needs preference pairs: set rlhf.inputs or rlhf.rlaif")
+        if self.reward == "reward_model" and self.reward_model is None:
+            raise ValueError("reward: reward_model needs the reward_model section")
+        if (
+            self.rlaif is not None
+            and self.rlaif.judge == "reward_model"
+            and self.reward_model is None
+        ):
+            raise ValueError("rlaif.judge: reward_model needs the reward_model section")
+        if self.deepspeed.zero_stage > 0:
+            raise ValueError("rlhf runs DDP (deepspeed.zero_stage 0) for now")
+        if self.algorithm == "ppo" and self.scaling.num_workers > 1:
+            raise ValueError("ppo runs on one worker for now: set rlhf.scaling.num_workers: 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
@@ -423,6 +524,7 @@ class PipelineConfig(_Strict):
     data: DataConfig | None = None
     pretrain: PretrainConfig | None = None
     sft: SFTConfig | None = None
+    rlhf: RLHFConfig | None = None
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:

@@ -118,8 +118,9 @@ def log_checkpoint(
     local_dir: str | Path,
     storage_uri: str,
     copy_max_mb: float,
+    root: str = "checkpoints",
 ) -> dict[str, Any]:
-    """Records one checkpoint against its step.
+    """Records one checkpoint against its step (under `root/step_<N>/`).
 
     Small checkpoints are copied under `checkpoints/step_<N>/`; above `copy_max_mb` only a
     manifest (sha256 of every file, and where the checkpoint lives) is logged, so MLflow never
@@ -127,7 +128,7 @@ def log_checkpoint(
     """
     manifest = dir_manifest(local_dir)
     manifest.update({"step": step, "uri": storage_uri})
-    art = f"checkpoints/step_{step:06d}"
+    art = f"{root}/step_{step:06d}"
     if manifest["bytes"] <= copy_max_mb * 1e6:
         log_artifacts(tracking_uri, run_id, local_dir, art)
         manifest["copied"] = True
@@ -138,8 +139,8 @@ def log_checkpoint(
     return manifest
 
 
-def list_checkpoints(tracking_uri: str, run_id: str) -> list[int]:
-    arts = client(tracking_uri).list_artifacts(run_id, "checkpoints")
+def list_checkpoints(tracking_uri: str, run_id: str, root: str = "checkpoints") -> list[int]:
+    arts = client(tracking_uri).list_artifacts(run_id, root)
     return sorted(int(a.path.rsplit("_", 1)[1]) for a in arts if a.is_dir)
 
 
@@ -150,13 +151,14 @@ def register_model(
     model_dir: str | Path,
     tags: Mapping[str, Any],
     description: str = "",
+    artifact_path: str = "model",
 ) -> str:
     """Logs an HF model directory under `model/` of the run and registers it; returns the version."""
-    log_artifacts(tracking_uri, run_id, model_dir, "model")
+    log_artifacts(tracking_uri, run_id, model_dir, artifact_path)
     c = client(tracking_uri)
     with contextlib.suppress(MlflowException):  # already exists
         c.create_registered_model(name)
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
     mv = c.create_model_version(
         name,
         source,
@@ -246,11 +248,16 @@ class RankZeroTracker:
             log_metrics(self.tracking_uri, self.run_id, metrics, step)
 
     def checkpoint(
-        self, step: int, local_dir: str | Path, storage_uri: str, copy_max_mb: float
+        self,
+        step: int,
+        local_dir: str | Path,
+        storage_uri: str,
+        copy_max_mb: float,
+        root: str = "checkpoints",
     ) -> None:
         if self.enabled:
             log_checkpoint(
-                self.tracking_uri, self.run_id, step, local_dir, storage_uri, copy_max_mb
+                self.tracking_uri, self.run_id, step, local_dir, storage_uri, copy_max_mb, root
             )
 
 

@@ -106,29 +106,34 @@ def demo_pairs(
 
 
 def rlaif_records(
-    prompts: Sequence[str], responses: Sequence[Sequence[str]], judge: ProgramJudge
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    scores: Sequence[float],
+    judge_id: str,
 ) -> list[dict[str, Any]]:
-    """The audit record of every prompt: all responses with scores, and the pair if any.
+    """The audit record of every prompt: all responses with their scores, and the pair if any.
 
-    chosen = the highest-scored response, rejected = the lowest; a prompt whose responses all
-    score the same gives no pair (`chosen`/`rejected` are None).
+    `scores` is flat, in the order of `responses` flattened. chosen = the highest-scored
+    response, rejected = the lowest; a prompt whose responses all score the same gives no pair
+    (`chosen`/`rejected` are None).
     """
     out = []
+    it = iter(scores)
     for prompt, resps in zip(prompts, responses, strict=True):
-        scores = [judge.score(prompt, r) for r in resps]
-        best = max(range(len(resps)), key=scores.__getitem__)
-        worst = min(range(len(resps)), key=scores.__getitem__)
-        pair = scores[best] > scores[worst]
+        sc = [float(next(it)) for _ in resps]
+        best = max(range(len(resps)), key=sc.__getitem__)
+        worst = min(range(len(resps)), key=sc.__getitem__)
+        pair = sc[best] > sc[worst]
         out.append(
             {
                 "prompt": prompt,
                 "responses": list(resps),
-                "scores": scores,
-                "judge": judge.id,
+                "scores": sc,
+                "judge": judge_id,
                 "chosen": resps[best] if pair else None,
                 "rejected": resps[worst] if pair else None,
-                "chosen_score": scores[best] if pair else None,
-                "rejected_score": scores[worst] if pair else None,
+                "chosen_score": sc[best] if pair else None,
+                "rejected_score": sc[worst] if pair else None,
             }
         )
     return out

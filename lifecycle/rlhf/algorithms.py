@@ -94,17 +94,27 @@ def dpo_step(
     rejected: tuple[torch.Tensor, torch.Tensor],
     pad_id: int,
     beta: float,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """`chosen`/`rejected` are (ids, labels) rows with labels on the response only."""
+    """`chosen`/`rejected` are (ids, labels) rows with labels on the response only.
+
+    `nll_weight` > 0 adds the chosen responses' per-token NLL (RPO, Pang et al. 2024): it
+    keeps DPO from lowering the likelihood of both sides, which on small models collapses
+    generation.
+    """
     ids = torch.cat([chosen[0], rejected[0]])
     labels = torch.cat([chosen[1], rejected[1]])
     mask = (ids != pad_id).long()
-    lp = sequence_logprob(policy, ids, labels, mask)
+    logits = policy(input_ids=ids, attention_mask=mask).logits
+    tok_lp, tok_mask = token_logprobs(logits, labels)
+    lp = tok_lp.sum(-1)
     with torch.no_grad():
         ref_lp = sequence_logprob(ref, ids, labels, mask)
     n = len(chosen[0])
     loss, stats = dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], beta)
-    return loss, {k: float(v) for k, v in stats.items()}
+    nll = -tok_lp[:n].sum() / tok_mask[:n].sum().clamp(min=1)
+    stats["nll_chosen"] = nll.detach()
+    return loss + nll_weight * nll, {k: float(v) for k, v in stats.items()}
 
 
 def grpo_step(

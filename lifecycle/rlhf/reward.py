@@ -73,3 +73,120 @@ def accuracy(
         rr = scores(model, rejected[i : i + batch_size], pad_id)
         right += int((rc > rr).sum())
     return right / max(1, len(chosen))
+
+
+class RewardModelJudge:
+    """Scores (chat-rendered prompt, response) with a trained reward model directory."""
+
+    def __init__(self, model_dir: str | Path, batch_size: int = 64) -> None:
+        from lifecycle.models import load_tokenizer
+
+        self.id = f"reward_model:{model_dir}"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=False
+        ).eval()
+        self.tok = load_tokenizer(model_dir)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        eos = self.tok.eos_token
+        texts = [f"{p}{r}{eos}" for p, r in zip(prompts, responses, strict=True)]
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            rows = [
+                self.tok(t, add_special_tokens=False)["input_ids"]
+                for t in texts[i : i + self.batch_size]
+            ]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
+            out += scores(self.model, ids, self.tok.pad_token_id).tolist()
+        return out
+
+    def score(self, prompt: str, response: str) -> float:
+        return self.score_batch([prompt], [response])[0]
+
+
+class LLMJudge:
+    """A local causal LM as judge: the probability it gives `yes` as the next token after the
+    template rendered with the user's request and the response."""
+
+    def __init__(self, model_dir: str | Path, template: str, yes: str = "yes") -> None:
+        from lifecycle.models import load_model, load_tokenizer
+
+        self.id = f"llm:{model_dir}"
+        self.model = load_model(model_dir).eval()
+        self.tok = load_tokenizer(model_dir)
+        self.template = template
+        self.yes_id = self.tok(yes, add_special_tokens=False)["input_ids"][0]
+
+    @torch.no_grad()
+    def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from lifecycle.eval.generate import left_pad
+
+        texts = [
+            self.template.format(prompt=_user_text(p), response=r)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        ids, mask = left_pad(
+            [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+            self.tok.pad_token_id,
+        )
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        return torch.softmax(logits.float(), -1)[:, self.yes_id].tolist()
+
+    def score(self, prompt: str, response: str) -> float:
+        return self.score_batch([prompt], [response])[0]
+
+
+def _user_text(prompt: str) -> str:
+    """The last user turn of a chat-rendered prompt (the prompt itself when it is plain)."""
+    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
+
+
+def make_reward_fn(spec: dict[str, Any]) -> Any:
+    """(prompts, responses) -> scores, from a judge spec of plain values (so it can be sent to
+    Ray workers and built there): {"kind": "program"}, {"kind": "reward_model", "model_dir"},
+    or {"kind": "llm", "model_dir", "template", "yes"}."""
+    kind = spec["kind"]
+    if kind == "program":
+        from lifecycle.data.preference import ProgramJudge
+
+        judge = ProgramJudge()
+        return lambda ps, rs: [judge.score(p, r) for p, r in zip(ps, rs, strict=True)]
+    if kind == "reward_model":
+        return RewardModelJudge(spec["model_dir"]).score_batch
+    if kind == "llm":
+        return LLMJudge(spec["model_dir"], spec["template"], spec.get("yes", "yes")).score_batch
+    raise ValueError(f"unknown judge kind {kind!r}")
+
+
+def pair_rows(
+    pairs: Sequence[dict[str, Any]], tokenizer: Any, max_length: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[list[int]], int]:
+    """(chosen ids, chosen labels, rejected ids, rejected labels, dropped): padded rows with the
+    loss on the response; a pair is dropped whole when either side is longer than max_length."""
+    from lifecycle.data.instruct import build_rows
+
+    keep, dropped = [], 0
+    for p in pairs:
+        sides = [
+            [*p["prompt"], {"role": "assistant", "content": p[k]}] for k in ("chosen", "rejected")
+        ]
+        if max(len(encode_chat(s, tokenizer)[0]) for s in sides) > max_length:
+            dropped += 1
+            continue
+        keep.append(sides)
+    cx, cy, _ = build_rows([s[0] for s in keep], tokenizer, max_length, packing=False)
+    rx, ry, _ = build_rows([s[1] for s in keep], tokenizer, max_length, packing=False)
+    return cx, cy, rx, ry, dropped
+
+
+def accuracy_of_dir(model_dir: str, pairs: Sequence[dict[str, Any]], max_length: int) -> float:
+    """Held-out accuracy of a saved reward model on preference pairs."""
+    from lifecycle.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+    cx, _, rx, _, _ = pair_rows(pairs, tok, max_length)
+    return accuracy(rm, torch.tensor(cx), torch.tensor(rx), tok.pad_token_id)

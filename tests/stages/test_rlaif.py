@@ -51,7 +51,9 @@ def test_program_judge_ranks_exact_over_near_over_wrong():
 def test_rlaif_records_are_auditable_and_pairs_are_ordered():
     prompts = ["copy abc", "first xyz", "upper ab"]
     responses = [["abc", "abd", "q"], ["x", "x", "x"], ["AB", "ab", "A"]]
-    recs = rlaif_records(prompts, responses, ProgramJudge())
+    j = ProgramJudge()
+    scores = [j.score(p, r) for p, rs in zip(prompts, responses, strict=True) for r in rs]
+    recs = rlaif_records(prompts, responses, scores, j.id)
     assert [r["responses"] for r in recs] == responses
     assert all(len(r["scores"]) == 3 and r["judge"] == "program:demo-tasks-v1" for r in recs)
     pairs = [r for r in recs if r["chosen"] is not None]

@@ -1,0 +1,281 @@
+"""RLHF stage: reward model, AI-feedback preference data, and DPO / GRPO / PPO on Ray.
+
+Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages rlhf             (sft from cache)
+               lifecycle run configs/tiny_cpu.yaml --stages rlhf --from sft=MODEL_DIR
+
+In order: (1) preference pairs from `rlhf.inputs` (rejects with reasons); (2) a reward model
+(Bradley-Terry, on Ray Train) on those pairs plus demo near-miss pairs, its accuracy on
+held-out demo pairs, registered as `<name>-reward`; (3) RLAIF: K responses per prompt sampled
+from the SFT policy by Ray tasks, scored by the judge (program, reward model or a local LLM),
+the full record logged to MLflow as a dataset artifact, best-vs-worst pairs added; (4) the
+algorithm on Ray Train (DPO on the pairs; GRPO and PPO online with the judge or the reward
+model as reward); (5) evaluation before and after on held-out prompts: mean judge reward of
+sampled responses, KL to the SFT model, mean response length, greedy task exact-match.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lifecycle import tracking
+from lifecycle.artifacts import RunContext, StageResult
+from lifecycle.config import RLHFConfig, config_hash
+from lifecycle.data import demo
+from lifecycle.data.instruct import prompt_and_answer, write_rows
+from lifecycle.data.preference import demo_pairs, read_pairs, rlaif_records
+from lifecycle.rlhf.evaluate import evaluate_policy
+from lifecycle.rlhf.reward import accuracy_of_dir, make_reward_fn, pair_rows
+from ray_cluster.compute import run_remote
+from ray_cluster.generate import sample_responses
+from ray_cluster.rlhf import fit_rlhf
+from tasks.sft import chat_tokenizer
+
+
+def _write_pairs(pairs: list[dict[str, Any]], tok: Any, max_length: int, out: Path) -> int:
+    cx, cy, rx, ry, dropped = pair_rows(pairs, tok, max_length)
+    if not cx:
+        raise ValueError(f"rlhf: no preference pair fits rlhf.max_length={max_length}")
+    write_rows(cx, cy, out / "chosen.parquet")
+    write_rows(rx, ry, out / "rejected.parquet")
+    return dropped
+
+
+def _demo_prompts(
+    n: int, seed: int, heldout: bool, tok: Any, tasks: list[str] | None
+) -> tuple[list[str], list[str]]:
+    pairs = [
+        prompt_and_answer(ex["messages"], tok)
+        for ex in demo.instruction_examples(n, seed, tasks, heldout)
+    ]
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+@task(name="rlhf", cache_policy=NO_CACHE)
+def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> StageResult:
+    """Aligns the SFT model; returns the aligned HF model directory."""
+    sft_dir = Path(upstream.artifact_uri)
+    if not (sft_dir / "config.json").is_file():
+        raise ValueError(
+            f"rlhf needs a full model dir, got {sft_dir} (an adapter?): use sft.merge: true "
+            "with a LoRA-family method, or method: full"
+        )
+    final = ctx.stage_dir("rlhf", key)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    uri = ctx.tracking_uri
+    common = dict(
+        tracking_uri=uri,
+        checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
+        storage_path=ctx.ray_storage,
+        tokenizer_dir=str(sft_dir),
+    )
+    with tracking.stage_run(ctx, "rlhf", params=cfg.model_dump(mode="json")) as run_id:
+        try:
+            tok = chat_tokenizer(sft_dir)
+            metrics: dict[str, float] = {}
+            pairs, rejects = [], []
+            for inp in cfg.inputs:
+                for pair, src, why in read_pairs(inp.path, inp.storage):
+                    if pair is None:
+                        rejects.append({"source": src, "reason": why})
+                    else:
+                        pairs.append(pair)
+            metrics["preference/file_pairs"] = len(pairs)
+            metrics["preference/malformed_rejected"] = len(rejects)
+            tmp.mkdir(parents=True)
+            (tmp / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+
+            # (2) reward model
+            rm_dir = None
+            if cfg.reward_model is not None:
+                rm = cfg.reward_model
+                rm_pairs = pairs + demo_pairs(rm.demo_pairs, cfg.seed, cfg.demo_tasks)
+                _write_pairs(rm_pairs, tok, cfg.max_length, tmp / "rm_data" / "train")
+                rm_metrics, rm_final = fit_rlhf(
+                    "reward",
+                    cfg,
+                    base_model_dir=str(sft_dir),
+                    data_dir=str(tmp / "rm_data"),
+                    name=ctx.train_name("rlhf-reward", key),
+                    mlflow_run_id=run_id,
+                    **common,
+                )
+                shutil.copytree(rm_final, tmp / "reward_model")
+                rm_dir = str(tmp / "reward_model")
+                held = demo_pairs(rm.heldout_pairs, cfg.seed + 1, cfg.demo_tasks, heldout=True)
+                acc = run_remote(accuracy_of_dir, cfg.scaling, rm_dir, held, cfg.max_length)
+                metrics.update(
+                    {
+                        "reward_model/heldout_accuracy": acc,
+                        "reward_model/train_pairs": len(rm_pairs),
+                        **{k: float(v) for k, v in rm_metrics.items() if k.startswith("reward/")},
+                    }
+                )
+
+            judge: dict[str, Any] = {"kind": "program"}
+            if cfg.rlaif is not None and cfg.rlaif.judge == "llm":
+                lj = cfg.rlaif.llm_judge
+                judge = {
+                    "kind": "llm",
+                    "model_dir": lj.model_dir,
+                    "template": lj.template,
+                    "yes": lj.yes,
+                }
+            elif cfg.rlaif is not None and cfg.rlaif.judge == "reward_model":
+                judge = {"kind": "reward_model", "model_dir": rm_dir}
+
+            # (3) RLAIF
+            n_prompts = cfg.rlaif.num_prompts if cfg.rlaif else cfg.eval_prompts
+            train_prompts, _ = _demo_prompts(n_prompts, cfg.seed, False, tok, cfg.demo_tasks)
+            if cfg.rlaif is not None:
+                ra = cfg.rlaif
+                responses = sample_responses(
+                    str(sft_dir),
+                    train_prompts,
+                    ra.k,
+                    num_workers=ra.num_workers,
+                    scaling=cfg.scaling,
+                    max_new_tokens=ra.max_new_tokens,
+                    temperature=ra.temperature,
+                    seed=cfg.seed,
+                )
+                records = run_remote(_judge_records, cfg.scaling, train_prompts, responses, judge)
+                with open(tmp / "rlaif.jsonl", "w") as f:
+                    for r in records:
+                        f.write(json.dumps(r) + "\n")
+                new = [
+                    {
+                        "prompt": [{"role": "user", "content": demo_user(r["prompt"])}],
+                        "chosen": r["chosen"],
+                        "rejected": r["rejected"],
+                    }
+                    for r in records
+                    if r["chosen"] is not None
+                ]
+                pairs += new
+                metrics.update(
+                    {
+                        "rlaif/prompts": len(records),
+                        "rlaif/pairs": len(new),
+                        "rlaif/responses": sum(len(r["responses"]) for r in records),
+                    }
+                )
+
+            # (4) the algorithm
+            algo_data = tmp / "algo_data"
+            if cfg.algorithm == "dpo":
+                metrics["preference/too_long_dropped"] = _write_pairs(
+                    pairs, tok, cfg.max_length, algo_data / "train"
+                )
+            else:
+                algo_data.mkdir()
+                (algo_data / "prompts.json").write_text(json.dumps(train_prompts))
+            reward_spec = (
+                judge if cfg.reward == "judge" else {"kind": "reward_model", "model_dir": rm_dir}
+            )
+            eval_prompts, eval_answers = _demo_prompts(
+                cfg.eval_prompts, cfg.seed + 2, True, tok, cfg.demo_tasks
+            )
+            ev = (eval_prompts, eval_answers, judge, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
+            before = run_remote(evaluate_policy, cfg.scaling, str(sft_dir), str(sft_dir), *ev)
+            algo_metrics, policy_final = fit_rlhf(
+                cfg.algorithm,
+                cfg,
+                base_model_dir=str(sft_dir),
+                data_dir=str(algo_data),
+                name=ctx.train_name("rlhf", key),
+                mlflow_run_id=run_id,
+                reward_spec=reward_spec,
+                **common,
+            )
+            shutil.copytree(policy_final, tmp / "model")
+            after = run_remote(evaluate_policy, cfg.scaling, str(tmp / "model"), str(sft_dir), *ev)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for name, value in (("before", before), ("after", after)):
+            metrics.update({f"eval/{k}_{name}": float(v) for k, v in value.items()})
+        metrics.update({k: float(v) for k, v in algo_metrics.items() if isinstance(v, int | float)})
+        tracking.log_metrics(uri, run_id, metrics, step=cfg.max_steps)
+        if (final / "rlaif.jsonl").is_file():
+            tracking.log_artifact(uri, run_id, final / "rlaif.jsonl", "rlaif")
+            from lifecycle.artifacts import sha256_file
+
+            tracking.log_dataset(
+                uri,
+                run_id,
+                f"{ctx.run_name}-rlaif",
+                (final / "rlaif.jsonl").as_uri(),
+                sha256_file(final / "rlaif.jsonl"),
+                context="preference",
+            )
+        if rejects:
+            tracking.log_artifact(uri, run_id, final / "rejects.jsonl")
+        parent_version = ""
+        if upstream.mlflow_run_id:
+            parent_version = tracking.get_run(uri, upstream.mlflow_run_id).data.tags.get(
+                "lifecycle.model_version", ""
+            )
+        lineage = {
+            "lifecycle.stage": "rlhf",
+            "lifecycle.rlhf_algorithm": cfg.algorithm,
+            "lifecycle.judge": judge["kind"],
+            "lifecycle.parent_model": f"{ctx.registered_model}-sft/{parent_version}"
+            if parent_version
+            else f"external:{sft_dir}",
+            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
+            "lifecycle.config_hash": config_hash(cfg),
+            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
+            "lifecycle.run_name": ctx.run_name,
+        }
+        if rm_dir is not None:
+            rm_version = tracking.register_model(
+                uri,
+                run_id,
+                f"{ctx.registered_model}-reward",
+                final / "reward_model",
+                {**lineage, "lifecycle.heldout_accuracy": metrics["reward_model/heldout_accuracy"]},
+                description=f"reward model of run {ctx.run_name}",
+                artifact_path="reward_model",
+            )
+            lineage["lifecycle.reward_model_version"] = rm_version
+        version = tracking.register_model(
+            uri,
+            run_id,
+            f"{ctx.registered_model}-rlhf",
+            final / "model",
+            lineage,
+            description=f"{cfg.algorithm} alignment by run {ctx.run_name}",
+        )
+        tracking.set_tags(uri, run_id, {**lineage, "lifecycle.model_version": version})
+    return StageResult(
+        stage="rlhf",
+        status="completed",
+        artifact_uri=str(final / "model"),
+        mlflow_run_id=run_id,
+        metrics=metrics,
+        artifact_id=f"{ctx.registered_model}-rlhf/{version}:{key[:16]}",
+    )
+
+
+def demo_user(prompt: str) -> str:
+    """The user text of a chat-rendered prompt (`<|user|>copy abc<|assistant|>` → `copy abc`)."""
+    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
+
+
+def _judge_records(prompts: list[str], responses: list[list[str]], judge: dict[str, Any]) -> list:
+    """Scores every sampled response and builds the audit records (a Ray task: the judge may
+    be a model)."""
+    flat_p = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
+    flat_r = [r for rs in responses for r in rs]
+    scores = make_reward_fn(judge)(flat_p, flat_r)
+    judge_id = f"{judge['kind']}:{judge.get('model_dir') or 'demo-tasks-v1'}"
+    return rlaif_records(prompts, responses, scores, judge_id)
