@@ -38,7 +38,7 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     assert rc == 0, summary
     assert summary["status"] == "completed"
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["data", "pretrain", "sft"]
+    assert list(stages) == ["data", "pretrain", "sft", "rlhf"]
     assert all(s["status"] == "completed" for s in stages.values())
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
@@ -46,6 +46,11 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     sft = stages["sft"]["metrics"]
     assert sft["eval/exact_match_after"] >= 0.5, sft
     assert sft["eval/exact_match_after"] - sft["eval/exact_match_before"] >= 0.3, sft
+    rl = stages["rlhf"]["metrics"]
+    assert rl["eval/mean_reward_after"] >= 1.1 * rl["eval/mean_reward_before"], rl
+    assert rl["eval/exact_match_after"] >= rl["eval/exact_match_before"] - 0.05, rl
+    assert rl["reward_model/heldout_accuracy"] >= 0.8, rl
+    assert rl["eval/kl_after"] > 0 and rl["rlaif/pairs"] > 0
     assert stages["data"]["metrics"]["exact_dupes_removed"] > 0
     assert stages["data"]["metrics"]["near_dupes_removed"] > 0
     on_disk = json.loads((ws / "runs" / "first" / "summary.json").read_text())
@@ -56,7 +61,12 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
     parent = summary["mlflow"]["parent_run_id"]
     children = tracking.child_runs(uri, exp, parent)
-    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == ["data", "pretrain", "sft"]
+    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == [
+        "data",
+        "pretrain",
+        "rlhf",
+        "sft",
+    ]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
     assert len(tracking.list_checkpoints(uri, pre_run)) >= 2
@@ -82,7 +92,7 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached", "cached", "cached"]
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
@@ -113,6 +123,27 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
     assert len(sub_mv) == 2
 
+    # Align an existing model directory: `--stages rlhf --from sft=<dir>` (briefly).
+    rc, rl_sub = _run(
+        ws,
+        "--stages",
+        "rlhf",
+        "--from",
+        f"sft={stages['sft']['artifact_uri']}",
+        "--set",
+        "rlhf.max_steps=20",
+        "--set",
+        "rlhf.reward_model=null",
+        "--set",
+        "rlhf.rlaif.num_prompts=32",
+        "--set",
+        "rlhf.eval_prompts=32",
+    )
+    assert rc == 0, rl_sub
+    assert [(s["stage"], s["status"]) for s in rl_sub["stages"]] == [("rlhf", "completed")]
+    rl_run = tracking.get_run(uri, rl_sub["stages"][0]["mlflow_run_id"])
+    assert rl_run.data.tags["lifecycle.parent_model"].startswith("external:")
+
 
 def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     bad = tmp_path / "empty.jsonl"
@@ -126,6 +157,6 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     )
     assert rc == 1
     assert summary["status"] == "failed"
-    data, pre, sft = summary["stages"]
+    data, *later = summary["stages"]
     assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert pre["status"] == "skipped" and sft["status"] == "skipped"
+    assert [s["status"] for s in later] == ["skipped"] * 3
