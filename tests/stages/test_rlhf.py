@@ -57,6 +57,8 @@ def test_rlhf_stage(ray_session, sft_model, make_ctx, tmp_path, algorithm):
         checkpoint_every=2,
         log_every=1,
         scaling={"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+        # GRPO trains LoRA adapters on the policy (merged into the saved model).
+        lora={"r": 4, "alpha": 8} if algorithm == "grpo" else None,
     )
     ctx = make_ctx()
     res = align.fn(cfg, sft_model, ctx, key=algorithm[0] * 64)
@@ -79,6 +81,8 @@ def test_rlhf_stage(ray_session, sft_model, make_ctx, tmp_path, algorithm):
     before, after = load_model(sft_model.artifact_uri), load_model(res.artifact_uri)
     moved = [n for n, p in after.state_dict().items() if not p.equal(before.state_dict()[n])]
     assert moved
+    if algorithm == "grpo":  # LoRA merged: the saved model is a plain HF model, same shapes
+        assert set(after.state_dict()) == set(before.state_dict())
     uri = ctx.tracking_uri
     run = tracking.get_run(uri, res.mlflow_run_id)
     assert run.data.tags["lifecycle.rlhf_algorithm"] == algorithm

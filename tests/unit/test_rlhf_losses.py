@@ -145,3 +145,35 @@ def test_reward_model_learns_to_rank_right_over_near_miss(tmp_path):
         opt.step()
     after = accuracy(rm, *held, tok.pad_token_id)
     assert after > before and after >= 0.8, (before, after)
+
+
+def test_reward_model_and_llm_judges_score_batches(tmp_path):
+    from lifecycle.models import save_model
+    from lifecycle.rlhf.reward import make_reward_fn, reward_model_from
+
+    tok = train_bpe([f"copy w{i} = w{i} yes" for i in range(50)], 280, 2, tmp_path / "tok")
+    lm = build_model(
+        ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok, seed=0
+    )
+    save_model(lm, tok, tmp_path / "lm")
+    rm = reward_model_from(tmp_path / "lm")
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = ["<|user|>copy ab<|assistant|>", "<|user|>copy cd<|assistant|>"]
+    rm_scores = make_reward_fn({"kind": "reward_model", "model_dir": str(tmp_path / "rm")})(
+        prompts, ["ab", "zz"]
+    )
+    assert len(rm_scores) == 2 and all(isinstance(s, float) for s in rm_scores)
+    assert rm_scores[0] != rm_scores[1]  # different responses, different scores
+    llm = make_reward_fn(
+        {
+            "kind": "llm",
+            "model_dir": str(tmp_path / "lm"),
+            "template": "<|user|>{prompt} -> {response}?<|assistant|>",
+            "yes": "yes",
+        }
+    )
+    p_yes = llm(prompts, ["ab", "zz"])
+    assert all(0 < p < 1 for p in p_yes)
+    with pytest.raises(ValueError, match="unknown judge"):
+        make_reward_fn({"kind": "oracle"})
