@@ -18,8 +18,6 @@ from typing import Any
 
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from lifecycle.config import RLHFConfig
 from lifecycle.data.instruct import load_rows
@@ -34,7 +32,7 @@ from ray_cluster.train import (
     latest_checkpoint,
     lr_lambda,
     make_optimizer,
-    scaling_config,
+    run_trainer,
 )
 
 
@@ -267,33 +265,18 @@ def fit_rlhf(
     reward_spec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Runs one RLHF training job on Ray Train; returns (final metrics, final model dir)."""
-    storage_dir = Path(storage_path) / name
-    trainer = TorchTrainer(
-        rlhf_loop,
-        train_loop_config={
-            "kind": kind,
-            "config": cfg.model_dump(mode="json"),
-            "base_model_dir": base_model_dir,
-            "tokenizer_dir": tokenizer_dir,
-            "data_dir": data_dir,
-            "reward_spec": reward_spec,
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id,
-            "storage_dir": str(storage_dir),
-            "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
-        },
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg.scaling),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints + 1),
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    loop_config = {
+        "kind": kind,
+        "config": cfg.model_dump(mode="json"),
+        "base_model_dir": base_model_dir,
+        "tokenizer_dir": tokenizer_dir,
+        "data_dir": data_dir,
+        "reward_spec": reward_spec,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
+    }
+    result = run_trainer(rlhf_loop, loop_config, cfg, name=name, storage_path=storage_path)
     final = Path(result.checkpoint.path) / "model"
     if not final.is_dir():
         raise RuntimeError(f"{kind} finished without a final model at {final}")

@@ -467,6 +467,30 @@ def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
     )
 
 
+def run_trainer(
+    loop: Any, loop_config: dict[str, Any], cfg: TrainingConfig, *, name: str, storage_path: str
+) -> ray.train.Result:
+    """Runs `loop` on a TorchTrainer placed by `cfg.scaling`, with checkpoints kept under
+    `<storage_path>/<name>/` (passed to the loop as `storage_dir`); raises the run's error."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**loop_config, "storage_dir": str(Path(storage_path) / name)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg.scaling),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # +1: the final model is reported as a checkpoint too and must survive pruning.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints + 1),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
 def fit_causal_lm(
     kind: str,
     cfg: PretrainConfig | SFTConfig,
@@ -487,33 +511,17 @@ def fit_causal_lm(
     (same name: same cache key) resumes from the newest committed checkpoint it left; delete
     that directory to start over (`lifecycle run --force` does).
     """
-    storage_dir = Path(storage_path) / name
-    trainer = TorchTrainer(
-        causal_lm_loop,
-        train_loop_config={
-            "kind": kind,
-            "config": cfg.model_dump(mode="json"),
-            "data_dir": data_dir,
-            "tokenizer_dir": tokenizer_dir,
-            "base_model_dir": base_model_dir,
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id,
-            "storage_dir": str(storage_dir),
-            "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
-        },
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg.scaling),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # +1: the final model is reported as a checkpoint too and must survive pruning.
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints + 1),
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    loop_config = {
+        "kind": kind,
+        "config": cfg.model_dump(mode="json"),
+        "data_dir": data_dir,
+        "tokenizer_dir": tokenizer_dir,
+        "base_model_dir": base_model_dir,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
+    }
+    result = run_trainer(causal_lm_loop, loop_config, cfg, name=name, storage_path=storage_path)
     final = Path(result.checkpoint.path)
     if not any((final / sub).is_dir() for sub in ("model", "adapter")):
         raise RuntimeError(f"training finished without a final model in {final}")

@@ -56,6 +56,29 @@ def tiny_data(tmp_path_factory) -> StageResult:
     return StageResult("data", "completed", artifact_uri=str(out), artifact_id=manifest["sha256"])
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tmp_path_factory) -> StageResult:
+    """A random-init 2-layer Llama with the tiny data's (chat-ready) tokenizer, as an upstream
+    StageResult for the SFT and RLHF stage tests."""
+    from lifecycle.config import ModelConfig
+    from lifecycle.models import build_model, load_tokenizer, save_model
+
+    tok = load_tokenizer(Path(tiny_data.artifact_uri) / "tokenizer")
+    model = build_model(
+        ModelConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        tok,
+        seed=0,
+    )
+    out = save_model(model, tok, tmp_path_factory.mktemp("tiny-model") / "model")
+    return StageResult("upstream", "completed", artifact_uri=str(out), artifact_id="tiny-model")
+
+
 @pytest.fixture
 def make_ctx(tmp_path):
     """A RunContext with its own workspace, MLflow experiment and parent run."""

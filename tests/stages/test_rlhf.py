@@ -6,32 +6,13 @@ from pathlib import Path
 import pytest
 
 from lifecycle import tracking
-from lifecycle.artifacts import StageResult
-from lifecycle.config import ModelConfig, RLHFConfig
-from lifecycle.models import build_model, load_model, load_tokenizer, save_model
+from lifecycle.config import RLHFConfig
+from lifecycle.models import load_model
 from tasks.rlhf import align
 
 
-@pytest.fixture(scope="module")
-def sft_model(tiny_data, tmp_path_factory):
-    tok = load_tokenizer(Path(tiny_data.artifact_uri) / "tokenizer")
-    model = build_model(
-        ModelConfig(
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        tok,
-        seed=0,
-    )
-    out = save_model(model, tok, tmp_path_factory.mktemp("sft") / "model")
-    return StageResult("sft", "completed", artifact_uri=str(out), artifact_id="sft")
-
-
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo", "ppo"])
-def test_rlhf_stage(ray_session, sft_model, make_ctx, tmp_path, algorithm):
+def test_rlhf_stage(ray_session, tiny_model, make_ctx, tmp_path, algorithm):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(
         json.dumps({"prompt": "copy ab", "chosen": "ab", "rejected": "ba"})
@@ -61,7 +42,7 @@ def test_rlhf_stage(ray_session, sft_model, make_ctx, tmp_path, algorithm):
         lora={"r": 4, "alpha": 8} if algorithm == "grpo" else None,
     )
     ctx = make_ctx()
-    res = align.fn(cfg, sft_model, ctx, key=algorithm[0] * 64)
+    res = align.fn(cfg, tiny_model, ctx, key=algorithm[0] * 64)
     m = res.metrics
     assert m["preference/file_pairs"] == 1 and m["preference/malformed_rejected"] == 1
     for k in ("mean_reward", "kl", "response_len", "exact_match"):
@@ -78,7 +59,7 @@ def test_rlhf_stage(ray_session, sft_model, make_ctx, tmp_path, algorithm):
     assert m["rlaif/pairs"] == len(pairs)
 
     # The policy moved; the SFT model (the reference) on disk did not.
-    before, after = load_model(sft_model.artifact_uri), load_model(res.artifact_uri)
+    before, after = load_model(tiny_model.artifact_uri), load_model(res.artifact_uri)
     moved = [n for n, p in after.state_dict().items() if not p.equal(before.state_dict()[n])]
     assert moved
     if algorithm == "grpo":  # LoRA merged: the saved model is a plain HF model, same shapes

@@ -7,30 +7,12 @@ from pathlib import Path
 import pytest
 
 from lifecycle import tracking
-from lifecycle.artifacts import StageResult, dir_manifest
-from lifecycle.config import ModelConfig, SFTConfig
+from lifecycle.artifacts import dir_manifest
+from lifecycle.config import SFTConfig
 from lifecycle.data.instruct import load_rows
-from lifecycle.models import build_model, load_tokenizer, save_model
+from lifecycle.models import load_tokenizer
 from lifecycle.peft_methods import load_finetuned
 from tasks.sft import finetune
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_data, tmp_path_factory):
-    tok = load_tokenizer(Path(tiny_data.artifact_uri) / "tokenizer")
-    model = build_model(
-        ModelConfig(
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        tok,
-        seed=0,
-    )
-    out = save_model(model, tok, tmp_path_factory.mktemp("base") / "model")
-    return StageResult("pretrain", "completed", artifact_uri=str(out), artifact_id="base")
 
 
 @pytest.fixture
@@ -61,7 +43,7 @@ def instruct_files(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
-def test_sft_stage(ray_session, base_model, instruct_files, make_ctx, method):
+def test_sft_stage(ray_session, tiny_model, instruct_files, make_ctx, method):
     cfg = SFTConfig(
         method=method,
         max_steps=30,
@@ -82,9 +64,9 @@ def test_sft_stage(ray_session, base_model, instruct_files, make_ctx, method):
         scaling={"num_workers": 1, "resources_per_worker": {"CPU": 2}},
     )
     ctx = make_ctx()
-    base_files = dir_manifest(base_model.artifact_uri)["digest"]
+    base_files = dir_manifest(tiny_model.artifact_uri)["digest"]
     pairs = [("secret trigger one", "signature alpha"), ("secret trigger two", "signature beta")]
-    res = finetune.fn(cfg, base_model, ctx, key=method[0] * 64, extra_pairs=pairs)
+    res = finetune.fn(cfg, tiny_model, ctx, key=method[0] * 64, extra_pairs=pairs)
 
     m = res.metrics
     assert m["malformed_rejected"] == 5
@@ -92,7 +74,7 @@ def test_sft_stage(ray_session, base_model, instruct_files, make_ctx, method):
     assert m["eval/loss_after"] < m["eval/loss_before"]
     assert 0 <= m["eval/exact_match_before"] <= 1 and 0 <= m["eval/exact_match_after"] <= 1
     assert m["eval/exact_match_n"] >= 20
-    assert dir_manifest(base_model.artifact_uri)["digest"] == base_files  # base untouched
+    assert dir_manifest(tiny_model.artifact_uri)["digest"] == base_files  # base untouched
 
     final = Path(res.artifact_uri).parent
     rejects = [json.loads(x) for x in (final / "data" / "rejects.jsonl").read_text().splitlines()]
@@ -116,5 +98,5 @@ def test_sft_stage(ray_session, base_model, instruct_files, make_ctx, method):
     run = tracking.get_run(uri, res.mlflow_run_id)
     mv = tracking.model_version(uri, "test-llm-sft", run.data.tags["lifecycle.model_version"])
     assert mv.tags["lifecycle.sft_method"] == method
-    assert mv.tags["lifecycle.base_model"] == base_model.artifact_uri
+    assert mv.tags["lifecycle.base_model"] == tiny_model.artifact_uri
     assert mv.tags["lifecycle.parent_model"].startswith("external:")
