@@ -33,9 +33,9 @@ from lifecycle.artifacts import (
     cache_lookup,
     cache_store,
     code_version,
+    paths_fingerprint,
 )
 from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
-from lifecycle.data.pipeline import input_fingerprint
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
 from tasks.pretrain import pretrain
@@ -58,6 +58,18 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "rlhf": ("sft",),
 }
 """Each stage's upstream stages, whose StageResults it takes (in this order)."""
+
+
+def external_inputs(stage: str, cfg: PipelineConfig) -> list[str]:
+    """The files and directories outside the workspace that a stage reads."""
+    if stage == "data" and cfg.data is not None:
+        return [i.path for i in cfg.data.inputs]
+    if stage == "sft" and cfg.sft is not None:
+        return [i.path for i in cfg.sft.data.inputs]
+    if stage == "rlhf" and cfg.rlhf is not None:
+        judge = cfg.rlhf.rlaif.llm_judge if cfg.rlhf.rlaif else None
+        return [i.path for i in cfg.rlhf.inputs] + ([judge.model_dir] if judge else [])
+    return []
 
 
 def needed_stages(requested: list[str], sources: dict[str, str]) -> set[str]:
@@ -103,8 +115,9 @@ class _Chain:
     def key(self, stage: str, upstream: list[StageResult]) -> str:
         section = self.cfg.section(stage)
         h = config_hash(section)
-        if stage == "data":  # the inputs' contents are part of what the stage depends on
-            h = config_hash({"config": h, "inputs": input_fingerprint(section)})
+        paths = external_inputs(stage, self.cfg)
+        if paths:  # the contents of files it reads are part of what a stage depends on
+            h = config_hash({"config": h, "inputs": paths_fingerprint(paths)})
         return cache_key(stage, h, upstream, self.ctx.code_version)
 
     def run(

@@ -151,6 +151,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def paths_fingerprint(paths: list[str]) -> str:
+    """Path, size and mtime of every file a stage reads from outside the workspace (files,
+    directories, globs): part of its cache key, so an edited input is never a cache hit.
+    A missing path counts as such; the stage itself reports it."""
+    import glob
+
+    h = hashlib.sha256()
+    for i, raw in enumerate(paths):
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files = [p]
+        else:
+            files = sorted(Path(f) for f in glob.glob(raw, recursive=True) if os.path.isfile(f))
+        h.update(f"{i}|{raw}|{len(files)}\n".encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def dir_manifest(root: str | Path) -> dict[str, Any]:
     """sha256 and size of every file below `root`, plus a digest over all of them."""
     root = Path(root)

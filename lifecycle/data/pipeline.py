@@ -89,22 +89,6 @@ def resolve_inputs(cfg: DataConfig, demo_dir: str | Path) -> list[dict[str, Any]
     return files
 
 
-def input_fingerprint(cfg: DataConfig) -> str:
-    """Path, size and mtime of every input file (the demo corpus is a function of config)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for i, inp in enumerate(cfg.inputs):
-        try:
-            paths = _expand(inp)
-        except DataError:
-            paths = []  # the stage itself reports the missing input
-        for path in paths:
-            st = os.stat(path)
-            h.update(f"{i}|{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _expand(inp: DataInput) -> list[str]:
     p = Path(inp.path)
     if inp.format == "hf_disk":

@@ -59,3 +59,33 @@ def test_needed_stages_stop_at_sources():
     assert needed_stages(["sft"], {}) == {"data", "pretrain", "sft"}
     assert needed_stages(["sft"], {"pretrain": "/m"}) == {"pretrain", "sft"}
     assert needed_stages(["data"], {}) == {"data"}
+
+
+def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_path):
+    import os
+
+    from flows.lifecycle import external_inputs
+    from lifecycle.artifacts import paths_fingerprint
+    from lifecycle.config import validate_config
+
+    corpus, chat, prefs = tmp_path / "c.jsonl", tmp_path / "sft", tmp_path / "p.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    chat.mkdir()
+    (chat / "a.jsonl").write_text("{}\n")
+    prefs.write_text("{}\n")
+    cfg = validate_config(
+        {
+            "data": {"inputs": [{"path": str(corpus), "format": "jsonl"}]},
+            "sft": {"data": {"inputs": [{"path": str(chat), "format": "chat"}]}},
+            "rlhf": {"inputs": [{"path": str(prefs)}]},
+        }
+    )
+    for stage, edited in (("data", corpus), ("sft", chat / "a.jsonl"), ("rlhf", prefs)):
+        paths = external_inputs(stage, cfg)
+        before = paths_fingerprint(paths)
+        assert paths_fingerprint(paths) == before
+        edited.write_text('{"changed": true}\n')
+        os.utime(edited, ns=(1, 1))
+        assert paths_fingerprint(paths) != before, stage
+    assert external_inputs("pretrain", cfg) == []
+    assert paths_fingerprint([str(tmp_path / "missing/*.jsonl")]) != paths_fingerprint([])
