@@ -12,10 +12,14 @@ from lifecycle.config import ScalingConfig
 T = TypeVar("T")
 
 
-def run_remote(fn: Callable[..., T], scaling: ScalingConfig, *args: Any, **kwargs: Any) -> T:
-    """Runs `fn(*args, **kwargs)` on one worker with the resources of one training worker."""
+def as_task(fn: Callable[..., T], scaling: ScalingConfig) -> Any:
+    """`fn` as a Ray remote function asking for the resources of one training worker."""
     res = dict(scaling.resources_per_worker or {})
     num_cpus = res.pop("CPU", 1)
     num_gpus = res.pop("GPU", 1 if scaling.use_gpu else 0)
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None)(fn)
-    return ray.get(remote.remote(*args, **kwargs))
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None)(fn)
+
+
+def run_remote(fn: Callable[..., T], scaling: ScalingConfig, *args: Any, **kwargs: Any) -> T:
+    """Runs `fn(*args, **kwargs)` on one worker with the resources of one training worker."""
+    return ray.get(as_task(fn, scaling).remote(*args, **kwargs))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import ray
 
 from lifecycle.config import ScalingConfig
+from ray_cluster.compute import as_task
 
 
 def _sample_shard(
@@ -67,10 +68,7 @@ def sample_responses(
 ) -> list[list[str]]:
     """`k` samples for each prompt, computed by `num_workers` Ray tasks in parallel."""
     engine = engine or default_engine()
-    res = dict(scaling.resources_per_worker or {})
-    num_cpus = res.pop("CPU", 1)
-    num_gpus = res.pop("GPU", 1 if scaling.use_gpu else 0)
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None)(_sample_shard)
+    task = as_task(_sample_shard, scaling)
     n = max(1, min(num_workers, len(prompts)))
     bounds = [len(prompts) * i // n for i in range(n + 1)]
     refs = [

@@ -28,10 +28,10 @@ from ray_cluster.train import (
     FINAL_DIR,
     STATE_FILE,
     BatchSampler,
-    _commit,
     latest_checkpoint,
     lr_lambda,
     make_optimizer,
+    report_checkpoint,
     run_trainer,
 )
 
@@ -107,9 +107,6 @@ def rlhf_loop(c: dict[str, Any]) -> None:
 
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
-            if state.get("final"):
-                ray.train.report(state["metrics"], checkpoint=ckpt, checkpoint_dir_name=FINAL_DIR)
-                return
             load_safetensors(raw, str(Path(d) / "model.safetensors"))
             if head is not None:
                 load_safetensors(head, str(Path(d) / "value_head.safetensors"))
@@ -208,13 +205,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
             (Path(d) / STATE_FILE).write_text(
                 json.dumps({"step": steps, "final": True, "metrics": metrics})
             )
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-            checkpoint_dir_name=FINAL_DIR,
-        )
-    if rank == 0:
-        _commit(c["storage_dir"], FINAL_DIR)
+        report_checkpoint(c["storage_dir"], FINAL_DIR, metrics, d if rank == 0 else None)
 
 
 def _save_checkpoint(
@@ -241,13 +232,7 @@ def _save_checkpoint(
         # The reward model and the policy train in the same MLflow run: separate roots.
         root = "reward_checkpoints" if c["kind"] == "reward" else "checkpoints"
         tracker.checkpoint(step, d, f"{c['storage_dir']}/{name}", c["checkpoint_copy_max_mb"], root)
-        ray.train.report(
-            {"step": step},
-            checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-            checkpoint_dir_name=name,
-        )
-    if rank == 0:
-        _commit(c["storage_dir"], name)
+        report_checkpoint(c["storage_dir"], name, {"step": step}, d if rank == 0 else None)
 
 
 def fit_rlhf(
@@ -276,8 +261,7 @@ def fit_rlhf(
         "mlflow_run_id": mlflow_run_id,
         "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
     }
-    result = run_trainer(rlhf_loop, loop_config, cfg, name=name, storage_path=storage_path)
-    final = Path(result.checkpoint.path) / "model"
-    if not final.is_dir():
-        raise RuntimeError(f"{kind} finished without a final model at {final}")
-    return dict(result.metrics), final
+    metrics, final = run_trainer(rlhf_loop, loop_config, cfg, name=name, storage_path=storage_path)
+    if not (final / "model").is_dir():
+        raise RuntimeError(f"{kind} finished without a final model in {final}")
+    return metrics, final / "model"

@@ -263,22 +263,16 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
-            if not state.get("final"):
-                if use_ds:
-                    engine.load_checkpoint(str(Path(d) / "ds"), tag="ds")
-                else:
-                    from safetensors.torch import load_model
+            if use_ds:
+                engine.load_checkpoint(str(Path(d) / "ds"), tag="ds")
+            else:
+                from safetensors.torch import load_model
 
-                    load_model(raw, str(Path(d) / "model.safetensors"), device=str(device))
-                    optimizer.load_state_dict(
-                        torch.load(Path(d) / "optimizer.pt", weights_only=True)
-                    )
-                    sched.load_state_dict(json.loads((Path(d) / "scheduler.json").read_text()))
+                load_model(raw, str(Path(d) / "model.safetensors"), device=str(device))
+                optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
+                sched.load_state_dict(json.loads((Path(d) / "scheduler.json").read_text()))
         start_step = state["step"]
     resumed_from = start_step
-    if state.get("final"):  # the run had finished; nothing left but to report it again
-        ray.train.report(state["metrics"], checkpoint=ckpt, checkpoint_dir_name=FINAL_DIR)
-        return
 
     if "loss_before" in state:
         loss_before = state["loss_before"]
@@ -367,13 +361,12 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
                     done, d, f"{c['storage_dir']}/{name}", c["checkpoint_copy_max_mb"]
                 )
                 has_files = use_ds or rank == 0
-                ray.train.report(
+                report_checkpoint(
+                    c["storage_dir"],
+                    name,
                     {"step": done, "train/loss": loss.item()},
-                    checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None,
-                    checkpoint_dir_name=name,
+                    d if has_files else None,
                 )
-                if rank == 0:  # report() returned on every rank: all files are persisted
-                    _commit(c["storage_dir"], name)
 
     # ---- final evaluation and model ------------------------------------------------------
     loss_after = evaluate(
@@ -416,13 +409,21 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             (Path(d) / STATE_FILE).write_text(
                 json.dumps({"step": cfg.max_steps, "final": True, "metrics": metrics})
             )
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-            checkpoint_dir_name=FINAL_DIR,
-        )
-    if rank == 0:
-        _commit(c["storage_dir"], FINAL_DIR)
+        report_checkpoint(c["storage_dir"], FINAL_DIR, metrics, d if rank == 0 else None)
+
+
+def report_checkpoint(
+    storage_dir: str, name: str, metrics: dict[str, Any], local_dir: str | None
+) -> None:
+    """Every rank reports (those with files pass their dir); then rank 0 commits: report()
+    has returned on every rank, so all files are persisted."""
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local_dir) if local_dir else None,
+        checkpoint_dir_name=name,
+    )
+    if ray.train.get_context().get_world_rank() == 0:
+        _commit(storage_dir, name)
 
 
 def _commit(storage_dir: str, name: str) -> None:
@@ -442,12 +443,15 @@ def _as_uri(path: str) -> str:
 
 
 def latest_checkpoint(storage_dir: str | Path) -> ray.train.Checkpoint | None:
-    """The newest committed checkpoint in `storage_dir` (this attempt's or an earlier run's)."""
+    """The newest committed mid-run checkpoint in `storage_dir` (this attempt's or an earlier
+    run's): a resume point. A committed `final/` is handled by `run_trainer`."""
     fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(str(storage_dir)))
     if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return None
     best, best_step = None, -1
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        if info.base_name == FINAL_DIR:
+            continue
         if fs.get_file_info(f"{info.path}/{COMMIT_FILE}").type != pyarrow.fs.FileType.File:
             continue
         with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
@@ -469,9 +473,14 @@ def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
 
 def run_trainer(
     loop: Any, loop_config: dict[str, Any], cfg: TrainingConfig, *, name: str, storage_path: str
-) -> ray.train.Result:
+) -> tuple[dict[str, Any], Path]:
     """Runs `loop` on a TorchTrainer placed by `cfg.scaling`, with checkpoints kept under
-    `<storage_path>/<name>/` (passed to the loop as `storage_dir`); raises the run's error."""
+    `<storage_path>/<name>/` (passed to the loop as `storage_dir`); returns (final metrics,
+    final checkpoint dir) and raises the run's error. A run whose `final/` was already
+    committed (same name: same cache key) is returned as it is, without training again."""
+    final = Path(storage_path) / name / FINAL_DIR
+    if "://" not in storage_path and (final / COMMIT_FILE).is_file():
+        return json.loads((final / STATE_FILE).read_text())["metrics"], final
     trainer = TorchTrainer(
         loop,
         train_loop_config={**loop_config, "storage_dir": str(Path(storage_path) / name)},
@@ -488,7 +497,7 @@ def run_trainer(
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result
+    return dict(result.metrics), Path(result.checkpoint.path)
 
 
 def fit_causal_lm(
@@ -521,8 +530,9 @@ def fit_causal_lm(
         "mlflow_run_id": mlflow_run_id,
         "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
     }
-    result = run_trainer(causal_lm_loop, loop_config, cfg, name=name, storage_path=storage_path)
-    final = Path(result.checkpoint.path)
+    metrics, final = run_trainer(
+        causal_lm_loop, loop_config, cfg, name=name, storage_path=storage_path
+    )
     if not any((final / sub).is_dir() for sub in ("model", "adapter")):
         raise RuntimeError(f"training finished without a final model in {final}")
-    return dict(result.metrics), final
+    return metrics, final

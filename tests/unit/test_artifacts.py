@@ -89,3 +89,22 @@ def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_p
         assert paths_fingerprint(paths) != before, stage
     assert external_inputs("pretrain", cfg) == []
     assert paths_fingerprint([str(tmp_path / "missing/*.jsonl")]) != paths_fingerprint([])
+
+
+def test_run_trainer_returns_a_committed_final_without_training(tmp_path):
+    import json
+
+    from lifecycle.config import PretrainConfig
+    from ray_cluster.train import COMMIT_FILE, FINAL_DIR, STATE_FILE, latest_checkpoint, run_trainer
+
+    final = tmp_path / "run" / FINAL_DIR
+    (final / "model").mkdir(parents=True)
+    (final / STATE_FILE).write_text(json.dumps({"step": 5, "final": True, "metrics": {"m": 1.0}}))
+    (final / COMMIT_FILE).write_text("ok\n")
+
+    def loop(_):  # must not run: no Ray is started in this test
+        raise AssertionError("trained again")
+
+    metrics, path = run_trainer(loop, {}, PretrainConfig(), name="run", storage_path=str(tmp_path))
+    assert metrics == {"m": 1.0} and path == final
+    assert latest_checkpoint(tmp_path / "run") is None  # final is not a resume point
