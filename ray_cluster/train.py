@@ -27,7 +27,13 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from lifecycle.config import PretrainConfig, ScalingConfig, SFTConfig, TrainingConfig
+from lifecycle.config import (
+    DistillConfig,
+    PretrainConfig,
+    ScalingConfig,
+    SFTConfig,
+    TrainingConfig,
+)
 from lifecycle.data.instruct import IGNORE, load_rows
 from lifecycle.data.pipeline import load_blocks
 from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
@@ -203,10 +209,11 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     """Per-worker training loop. `c` holds plain values only (see `fit_causal_lm`).
 
     `kind` "pretrain" trains a model built from config on packed blocks; "sft" fine-tunes
-    `base_model_dir` with the configured method on padded instruction rows.
+    `base_model_dir` with the configured method on padded instruction rows; "distill" trains
+    a student built from config against the logits of the teacher in `base_model_dir`.
     """
     kind = c["kind"]
-    cfg = (PretrainConfig if kind == "pretrain" else SFTConfig).model_validate(c["config"])
+    cfg = CONFIGS[kind].model_validate(c["config"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -214,9 +221,21 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(c["tokenizer_dir"])
     data = LMData.load(kind, c["data_dir"], tokenizer.pad_token_id)
+    teacher = None
     if kind == "pretrain":
         model = build_model(cfg.model, tokenizer, cfg.seed)
         fpt = flops_per_token(model, data.train_x.shape[1])
+    elif kind == "distill":
+        from lifecycle.compress.distill import student_from_teacher
+        from lifecycle.models import load_model
+
+        teacher = load_model(c["base_model_dir"]).to(device).eval().requires_grad_(False)
+        model = student_from_teacher(teacher, cfg, tokenizer)
+        # The teacher's forward is part of every step's work.
+        fpt = (
+            flops_per_token(model, data.train_x.shape[1])
+            + flops_per_token(teacher, data.train_x.shape[1]) / 3
+        )
     else:
         from lifecycle.peft_methods import apply_method, load_base
 
@@ -302,7 +321,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             idx = sampler.indices(step * cfg.grad_accum_steps + micro)
             x, y, mask = (t.to(device) if t is not None else None for t in data.train_batch(idx))
             if use_ds:
-                loss = engine(input_ids=x, attention_mask=mask, labels=y).loss
+                loss = step_loss(engine, teacher, cfg, x, y, mask)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed counts micro-steps and steps at the boundary
             else:
@@ -311,7 +330,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
                 sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
                 with sync:
                     with autocast():
-                        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
+                        loss = step_loss(model, teacher, cfg, x, y, mask)
                     (loss / cfg.grad_accum_steps).backward()
             loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         if not use_ds:
@@ -400,7 +419,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         if rank == 0:
             if full_state is not None:
                 full_state = {k: v.float() for k, v in full_state.items()}
-            if kind == "pretrain" or full_state is not None:
+            if kind in ("pretrain", "distill") or full_state is not None:
                 save_model(raw, tokenizer, Path(d) / "model", state_dict=full_state)
             else:
                 from lifecycle.peft_methods import save_outputs
@@ -410,6 +429,33 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
                 json.dumps({"step": cfg.max_steps, "final": True, "metrics": metrics})
             )
         report_checkpoint(c["storage_dir"], FINAL_DIR, metrics, d if rank == 0 else None)
+
+
+CONFIGS: dict[str, type[TrainingConfig]] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "distill": DistillConfig,
+}
+
+
+def step_loss(
+    net: Any,
+    teacher: torch.nn.Module | None,
+    cfg: TrainingConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The training loss of one micro-batch: the LM loss, or with a teacher the distillation
+    loss (lifecycle.compress.distill.distill_loss)."""
+    if teacher is None:
+        return net(input_ids=x, attention_mask=mask, labels=y).loss
+    from lifecycle.compress.distill import distill_loss
+
+    logits = net(input_ids=x, attention_mask=mask).logits
+    with torch.no_grad():
+        t_logits = teacher(input_ids=x, attention_mask=mask).logits
+    return distill_loss(logits, t_logits, y, mask, cfg.temperature, cfg.alpha)
 
 
 def report_checkpoint(
@@ -502,7 +548,7 @@ def run_trainer(
 
 def fit_causal_lm(
     kind: str,
-    cfg: PretrainConfig | SFTConfig,
+    cfg: PretrainConfig | SFTConfig | DistillConfig,
     *,
     data_dir: str,
     tokenizer_dir: str,

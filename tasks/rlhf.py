@@ -26,8 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import RLHFConfig, config_hash
-from lifecycle.data import demo
-from lifecycle.data.instruct import prompt_and_answer, write_rows
+from lifecycle.data.instruct import demo_prompts, write_rows
 from lifecycle.data.preference import demo_pairs, read_pairs, rlaif_records
 from lifecycle.rlhf.evaluate import evaluate_policy
 from lifecycle.rlhf.reward import accuracy_of_dir, make_reward_fn, pair_rows
@@ -44,16 +43,6 @@ def _write_pairs(pairs: list[dict[str, Any]], tok: Any, max_length: int, out: Pa
     write_rows(cx, cy, out / "chosen.parquet")
     write_rows(rx, ry, out / "rejected.parquet")
     return dropped
-
-
-def _demo_prompts(
-    n: int, seed: int, heldout: bool, tok: Any, tasks: list[str] | None
-) -> tuple[list[str], list[str]]:
-    pairs = [
-        prompt_and_answer(ex["messages"], tok)
-        for ex in demo.instruction_examples(n, seed, tasks, heldout)
-    ]
-    return [p for p, _ in pairs], [a for _, a in pairs]
 
 
 @task(name="rlhf", cache_policy=NO_CACHE)
@@ -132,7 +121,7 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
 
             # (3) RLAIF
             n_prompts = cfg.rlaif.num_prompts if cfg.rlaif else cfg.eval_prompts
-            train_prompts, _ = _demo_prompts(n_prompts, cfg.seed, False, tok, cfg.demo_tasks)
+            train_prompts, _ = demo_prompts(n_prompts, cfg.seed, False, tok, cfg.demo_tasks)
             if cfg.rlaif is not None:
                 ra = cfg.rlaif
                 responses = sample_responses(
@@ -144,6 +133,7 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
                     max_new_tokens=ra.max_new_tokens,
                     temperature=ra.temperature,
                     seed=cfg.seed,
+                    engine=ra.engine,
                 )
                 records = run_remote(_judge_records, cfg.scaling, train_prompts, responses, judge)
                 with open(tmp / "rlaif.jsonl", "w") as f:
@@ -179,7 +169,7 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
             reward_spec = (
                 judge if cfg.reward == "judge" else {"kind": "reward_model", "model_dir": rm_dir}
             )
-            eval_prompts, eval_answers = _demo_prompts(
+            eval_prompts, eval_answers = demo_prompts(
                 cfg.eval_prompts, cfg.seed + 2, True, tok, cfg.demo_tasks
             )
             ev = (eval_prompts, eval_answers, judge, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)

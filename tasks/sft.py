@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import SFTConfig, config_hash
+from lifecycle.config import DistillConfig, SFTConfig, config_hash
 from lifecycle.data import demo
 from lifecycle.data.instruct import build_rows, is_val, prompt_and_answer, read_records, write_rows
 from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
@@ -39,7 +39,7 @@ Pair = tuple[str, str]
 
 
 def prepare_instructions(
-    cfg: SFTConfig, tokenizer: Any, out: Path, extra_pairs: Sequence[Pair] = ()
+    cfg: SFTConfig | DistillConfig, tokenizer: Any, out: Path, extra_pairs: Sequence[Pair] = ()
 ) -> tuple[dict[str, int], list[Pair]]:
     """Writes train/val rows and rejects under `out`; returns (counts, held-out eval pairs)."""
     d = cfg.data

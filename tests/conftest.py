@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,6 +80,37 @@ def tiny_model(tiny_data, tmp_path_factory) -> StageResult:
     )
     out = save_model(model, tok, tmp_path_factory.mktemp("tiny-model") / "model")
     return StageResult("upstream", "completed", artifact_uri=str(out), artifact_id="tiny-model")
+
+
+LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
+
+
+def run_cli(ws: Path, *extra: str) -> tuple[int, dict]:
+    """`lifecycle run configs/tiny_cpu.yaml --json ...` in a subprocess: (exit code, summary)."""
+    cmd = [
+        LIFECYCLE,
+        "run",
+        "configs/tiny_cpu.yaml",
+        "--workspace",
+        str(ws),
+        "--json",
+        "--set",
+        f"cluster.dashboard_port={free_port()}",
+        *extra,
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert p.stdout.strip(), p.stderr[-3000:]
+    return p.returncode, json.loads(p.stdout)  # stdout holds the summary JSON and nothing else
+
+
+@pytest.fixture(scope="session")
+def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
+    """The README's main command run once per session: (workspace, summary). The integration
+    test checks it; the compression stage tests start from its aligned model and data."""
+    ws = tmp_path_factory.mktemp("chain") / "ws"
+    rc, summary = run_cli(ws, "--run-name", "first")
+    assert rc == 0, summary
+    return ws, summary
 
 
 @pytest.fixture

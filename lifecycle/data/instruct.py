@@ -127,6 +127,20 @@ def prompt_and_answer(messages: list[dict[str, str]], tokenizer: Any) -> tuple[s
     return prompt, messages[-1]["content"]
 
 
+def demo_prompts(
+    n: int, seed: int, heldout: bool, tokenizer: Any, tasks: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """`n` demo-task generation prompts (chat-rendered) and their reference answers;
+    `heldout` draws from the (task, word) pairs no training data contains."""
+    from lifecycle.data import demo
+
+    pairs = [
+        prompt_and_answer(ex["messages"], tokenizer)
+        for ex in demo.instruction_examples(n, seed, tasks, heldout)
+    ]
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
 def build_rows(
     examples: Iterable[list[dict[str, str]]], tokenizer: Any, max_length: int, packing: bool
 ) -> tuple[list[list[int]], list[list[int]], int]:

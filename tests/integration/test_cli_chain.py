@@ -1,45 +1,31 @@
 """The README's main command, end to end: the whole chain on tiny_cpu.yaml, then a cached re-run."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from lifecycle import tracking
-from tests.conftest import ROOT, free_port
-
-LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
-
-
-def _run(ws: Path, *extra: str) -> tuple[int, dict]:
-    cmd = [
-        LIFECYCLE,
-        "run",
-        "configs/tiny_cpu.yaml",
-        "--workspace",
-        str(ws),
-        "--json",
-        "--set",
-        f"cluster.dashboard_port={free_port()}",
-        *extra,
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert p.stdout.strip(), p.stderr[-3000:]
-    return p.returncode, json.loads(p.stdout)  # stdout holds the summary JSON and nothing else
+from tests.conftest import run_cli as _run
 
 
 def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_whole_chain_then_cached_rerun(tmp_path):
-    ws = tmp_path / "ws"
-    rc, summary = _run(ws, "--run-name", "first")
-    assert rc == 0, summary
+def test_whole_chain_then_cached_rerun(whole_chain):
+    ws, summary = whole_chain
     assert summary["status"] == "completed"
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["data", "pretrain", "sft", "rlhf"]
+    assert list(stages) == ["data", "pretrain", "sft", "rlhf", "distill", "quantize"]
+    assert stages.pop("distill")["status"] == "skipped"  # null in tiny_cpu.yaml
     assert all(s["status"] == "completed" for s in stages.values())
+    # The shipped model is the quantized one: int8 W8A8 that vLLM served in the gate.
+    q = stages["quantize"]["metrics"]
+    assert summary["shipped_model"] == stages["quantize"]["artifact_uri"]
+    assert q["gate/passed"] == 1.0 and 0.45 <= q["size/ratio_vs_bf16"] <= 0.65, q
+    for engine in ("torch", "vllm"):
+        assert q[f"{engine}/exact_match_before"] - q[f"{engine}/exact_match_after"] <= 0.03, q
+    assert q["onnx/max_rel_diff"] < 1e-4, q
+    assert (Path(stages["quantize"]["artifact_uri"]).parent / "onnx" / "model.onnx").is_file()
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
@@ -64,6 +50,7 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == [
         "data",
         "pretrain",
+        "quantize",
         "rlhf",
         "sft",
     ]
@@ -92,10 +79,11 @@ def test_whole_chain_then_cached_rerun(tmp_path):
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 4
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + ["skipped", "cached"]
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
+    assert again["shipped_model"] == summary["shipped_model"]
     assert _snapshot(ws / "ray_storage") == before
     runs = tracking.client(uri).search_runs(
         [exp], filter_string="tags.`lifecycle.stage` = 'pretrain'"
@@ -159,4 +147,4 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     assert summary["status"] == "failed"
     data, *later = summary["stages"]
     assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert [s["status"] for s in later] == ["skipped"] * 3
+    assert [s["status"] for s in later] == ["skipped"] * 5

@@ -1,0 +1,149 @@
+"""Distillation stage (optional, between RLHF and compression): a smaller student trained on
+Ray Train against the aligned teacher's logits, kept only if it passes its quality gate.
+
+Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages distill --set distill.max_steps=300
+               (with a `distill:` section in the YAML; rlhf from cache or --from rlhf=DIR)
+
+The student (architecture and sizes in `distill.student`) starts from the teacher's weights
+where they fit (lifecycle/compress/distill.py) and trains on the instruction data with
+α·T²·KL(teacher ‖ student) + (1 − α)·LM loss. Gate: student task exact-match on held-out demo
+prompts ≥ `min_exact_match_ratio` × the teacher's. Passed: registered as `<name>-distilled`
+with lineage to the teacher, and it replaces the teacher downstream. Failed: the stage fails
+with the numbers, or (`on_fail: keep_teacher`) completes and hands the teacher downstream.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lifecycle import tracking
+from lifecycle.artifacts import RunContext, StageResult
+from lifecycle.config import DistillConfig, config_hash
+from lifecycle.data.instruct import demo_prompts
+from lifecycle.eval.generate import evaluate_model
+from ray_cluster.compute import run_remote
+from ray_cluster.train import fit_causal_lm
+from tasks.sft import chat_tokenizer, prepare_instructions
+
+
+class DistillGateFailed(RuntimeError):
+    """The student kept less of the teacher's quality than the gate asks."""
+
+
+@task(name="distill", cache_policy=NO_CACHE)
+def distill(cfg: DistillConfig, upstream: StageResult, ctx: RunContext, key: str) -> StageResult:
+    """Distills the upstream (teacher) model into the configured student."""
+    teacher = Path(upstream.artifact_uri)
+    if not (teacher / "config.json").is_file():
+        raise ValueError(f"distill needs a full HF teacher model dir, got {teacher}")
+    final = ctx.stage_dir("distill", key)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    uri = ctx.tracking_uri
+    with tracking.stage_run(ctx, "distill", params=cfg.model_dump(mode="json")) as run_id:
+        try:
+            tok = chat_tokenizer(teacher)
+            data_dir = tmp / "data"
+            data_dir.mkdir(parents=True)
+            tok.save_pretrained(data_dir / "tokenizer")
+            counts, _ = prepare_instructions(cfg, tok, data_dir)
+            train_metrics, final_ckpt = fit_causal_lm(
+                "distill",
+                cfg,
+                data_dir=str(data_dir),
+                tokenizer_dir=str(data_dir / "tokenizer"),
+                base_model_dir=str(teacher),
+                storage_path=ctx.ray_storage,
+                name=ctx.train_name("distill", key),
+                tracking_uri=uri,
+                mlflow_run_id=run_id,
+                checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
+            )
+            shutil.copytree(final_ckpt / "model", tmp / "model")
+            e = cfg.eval
+            prompts, answers = demo_prompts(e.prompts, e.seed, True, tok, e.demo_tasks)
+            ev = (prompts, answers, e.max_new_tokens, e.batch_size)
+            t_eval = run_remote(evaluate_model, cfg.scaling, str(teacher), *ev)
+            s_eval = run_remote(evaluate_model, cfg.scaling, str(tmp / "model"), *ev)
+            t_params = run_remote(_num_params, cfg.scaling, str(teacher))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        s_params = float(train_metrics["model/params"])
+        ratio = s_eval["exact_match"] / max(1e-9, t_eval["exact_match"])
+        passed = ratio >= cfg.min_exact_match_ratio
+        metrics = {
+            **{k: float(v) for k, v in train_metrics.items() if isinstance(v, int | float)},
+            **{k: float(v) for k, v in counts.items()},
+            "eval/teacher_exact_match": t_eval["exact_match"],
+            "eval/student_exact_match": s_eval["exact_match"],
+            "eval/exact_match_ratio": ratio,
+            "model/teacher_params": float(t_params),
+            "model/student_params": s_params,
+            "model/params_ratio": s_params / t_params,
+            "gate/passed": float(passed),
+        }
+        tracking.log_metrics(uri, run_id, metrics, step=cfg.max_steps)
+        parent_version = ""
+        if upstream.mlflow_run_id:
+            parent_version = tracking.get_run(uri, upstream.mlflow_run_id).data.tags.get(
+                "lifecycle.model_version", ""
+            )
+        lineage = {
+            "lifecycle.stage": "distill",
+            "lifecycle.teacher_model": f"{ctx.registered_model}-{upstream.stage}/{parent_version}"
+            if parent_version
+            else f"external:{teacher}",
+            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
+            "lifecycle.config_hash": config_hash(cfg),
+            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
+            "lifecycle.run_name": ctx.run_name,
+            "lifecycle.gate_passed": str(passed).lower(),
+        }
+        tracking.set_tags(uri, run_id, lineage)
+        if not passed:
+            message = (
+                f"distillation gate failed: student exact-match {s_eval['exact_match']:.3f} is "
+                f"{ratio:.2f} of the teacher's {t_eval['exact_match']:.3f} (needs >= "
+                f"{cfg.min_exact_match_ratio:g}) with {s_params / t_params:.2f} of its parameters"
+            )
+            if cfg.on_fail == "fail":
+                raise DistillGateFailed(message)
+            return StageResult(
+                stage="distill",
+                status="completed",
+                artifact_uri=str(teacher),
+                mlflow_run_id=run_id,
+                metrics=metrics,
+                artifact_id=upstream.artifact_id,
+                error=f"{message}; keeping the teacher {teacher}",
+            )
+        version = tracking.register_model(
+            uri,
+            run_id,
+            f"{ctx.registered_model}-distilled",
+            final / "model",
+            lineage,
+            description=f"student distilled from {lineage['lifecycle.teacher_model']}",
+        )
+        tracking.set_tags(uri, run_id, {"lifecycle.model_version": version})
+    return StageResult(
+        stage="distill",
+        status="completed",
+        artifact_uri=str(final / "model"),
+        mlflow_run_id=run_id,
+        metrics=metrics,
+        artifact_id=f"{ctx.registered_model}-distilled/{version}:{key[:16]}",
+    )
+
+
+def _num_params(model_dir: str) -> int:
+    from lifecycle.models import load_model
+
+    return sum(p.numel() for p in load_model(model_dir).parameters())

@@ -1,0 +1,133 @@
+"""The compression stages on the whole chain's aligned model: int4 through vLLM, pruning,
+a failing gate, and distillation into a student half the size."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lifecycle import tracking
+from lifecycle.artifacts import StageResult
+from lifecycle.config import DistillConfig, QuantizeConfig
+from lifecycle.models import load_model
+from tasks.distill import distill
+from tasks.quantize import GateFailed, quantize
+
+pytestmark = pytest.mark.slow
+
+
+def _upstreams(whole_chain) -> tuple[StageResult, StageResult]:
+    _, summary = whole_chain
+    stages = {s["stage"]: s for s in summary["stages"]}
+    rl, data = stages["rlhf"], stages["data"]
+    return (
+        StageResult("rlhf", "completed", artifact_uri=rl["artifact_uri"], artifact_id="rlhf"),
+        StageResult("data", "completed", artifact_uri=data["artifact_uri"], artifact_id="data"),
+    )
+
+
+def _cfg(**kw) -> QuantizeConfig:
+    base = {
+        "eval": {"prompts": 200, "max_new_tokens": 12, "perplexity_blocks": 32},
+        "scaling": {"resources_per_worker": {"CPU": 2}},
+        "gate": {"max_exact_match_drop": 0.08, "max_perplexity_ratio": 1.5},
+    }
+    return QuantizeConfig.model_validate({**base, **kw})
+
+
+def test_w4a16_gptq_served_by_vllm(ray_session, whole_chain, make_ctx):
+    rlhf, data = _upstreams(whole_chain)
+    ctx = make_ctx()
+    res = quantize.fn(_cfg(method="w4a16"), rlhf, data, ctx, key="4" * 64)
+    m = res.metrics
+    assert res.status == "completed" and res.error is None
+    out = Path(res.artifact_uri)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    assert 0.25 <= m["size/ratio_vs_bf16"] <= 0.45, m
+    for engine in ("torch", "vllm"):
+        drop = m[f"{engine}/exact_match_before"] - m[f"{engine}/exact_match_after"]
+        assert drop <= 0.08, (engine, m)
+        assert m[f"{engine}/exact_match_before"] >= 0.4, m  # a model that can do the tasks
+    # vLLM and PyTorch agree on what the unquantized model scores (same inputs, same greedy).
+    assert abs(m["vllm/exact_match_before"] - m["torch/exact_match_before"]) <= 0.05, m
+    gate = (out.parent / "gate.md").read_text()
+    assert "PASSED" in gate and "| vllm | exact_match |" in gate
+    run = tracking.get_run(ctx.tracking_uri, res.mlflow_run_id)
+    assert run.data.metrics["vllm/exact_match_after"] == m["vllm/exact_match_after"]
+    mv = tracking.model_version(ctx.tracking_uri, "test-llm-quantized", "1")
+    assert mv.tags["lifecycle.quantize_method"] == "w4a16"
+    assert mv.tags["lifecycle.gate_passed"] == "true"
+    arts = {
+        a.path for a in tracking.client(ctx.tracking_uri).list_artifacts(res.mlflow_run_id, "gate")
+    }
+    assert {"gate/gate.md", "gate/gate.json", "gate/outputs.jsonl"} <= arts
+
+
+def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, make_ctx):
+    rlhf, data = _upstreams(whole_chain)
+    ctx = make_ctx()
+    impossible = {"max_exact_match_drop": 0.0, "max_perplexity_ratio": 1.0, "min_agreement": 1.0}
+    cfg = _cfg(
+        method="none",
+        prune={"method": "sparsegpt", "sparsity": 0.5},
+        gate={**impossible, "on_fail": "keep_uncompressed"},
+        vllm={"enabled": False},
+    )
+    res = quantize.fn(cfg, rlhf, data, ctx, key="p" * 64)
+    # The gate failed: the stage says what it lost and hands the uncompressed model on.
+    assert res.status == "completed" and res.artifact_uri == rlhf.artifact_uri
+    assert "quality gate failed" in res.error and "torch perplexity" in res.error
+    assert res.metrics["gate/passed"] == 0.0
+    assert res.metrics["prune/sparsity"] == 0.5
+    assert res.metrics["torch/perplexity_after"] > res.metrics["torch/perplexity_before"]
+    # Exactly half of every pruned linear is zero in the written checkpoint.
+    pruned = Path(ctx.workspace) / "artifacts" / "quantize" / ("p" * 64) / "model"
+    with safe_open(str(pruned / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if name.endswith(("proj.weight",)):
+                w = f.get_tensor(name)
+                assert (w == 0).float().mean().item() == 0.5, name
+    assert not tracking.client(ctx.tracking_uri).search_model_versions("name='test-llm-quantized'")
+    # With on_fail: fail the stage fails, and the report names what was lost.
+    cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"on_fail": "fail"})})
+    with pytest.raises(GateFailed, match=r"exact_match|perplexity"):
+        quantize.fn(cfg, rlhf, data, make_ctx("again"), key="f" * 64)
+
+
+def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, make_ctx):
+    rlhf, _ = _upstreams(whole_chain)
+    ctx = make_ctx()
+    cfg = DistillConfig(
+        student={
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 256,
+        },
+        data={"demo": {"num_train": 4000, "num_eval": 100}, "max_length": 32},
+        eval={"prompts": 200, "max_new_tokens": 12},
+        max_steps=300,
+        micro_batch_size=32,
+        checkpoint_every=150,
+        log_every=50,
+        scaling={"num_workers": 1, "resources_per_worker": {"CPU": 2}},
+    )
+    res = distill.fn(cfg, rlhf, ctx, key="d" * 64)
+    m = res.metrics
+    assert m["model/params_ratio"] <= 0.5, m
+    assert m["eval/exact_match_ratio"] >= 0.8, m
+    assert m["gate/passed"] == 1.0 and res.artifact_uri != rlhf.artifact_uri
+    student = load_model(res.artifact_uri)
+    assert sum(p.numel() for p in student.parameters()) == m["model/student_params"]
+    assert student.config.intermediate_size == 32
+    teacher = load_model(rlhf.artifact_uri)
+    assert not torch.equal(
+        student.model.layers[0].self_attn.q_proj.weight,
+        teacher.model.layers[0].self_attn.q_proj.weight,
+    )  # trained past its initialisation
+    mv = tracking.model_version(ctx.tracking_uri, "test-llm-distilled", "1")
+    assert mv.tags["lifecycle.teacher_model"].startswith("external:")
