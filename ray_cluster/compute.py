@@ -12,12 +12,13 @@ from lifecycle.config import ScalingConfig
 T = TypeVar("T")
 
 
-def as_task(fn: Callable[..., T], scaling: ScalingConfig) -> Any:
-    """`fn` as a Ray remote function asking for the resources of one training worker."""
+def as_task(fn: Callable[..., T], scaling: ScalingConfig, **options: Any) -> Any:
+    """`fn` as a Ray remote function asking for the resources of one training worker
+    (`options`: more `ray.remote` options, e.g. max_calls=1 for a fresh process per call)."""
     res = dict(scaling.resources_per_worker or {})
     num_cpus = res.pop("CPU", 1)
     num_gpus = res.pop("GPU", 1 if scaling.use_gpu else 0)
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None)(fn)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=res or None, **options)(fn)
 
 
 def run_remote(fn: Callable[..., T], scaling: ScalingConfig, *args: Any, **kwargs: Any) -> T:

@@ -73,16 +73,24 @@ def _compress_job(
             "data.val_fraction)"
         )
     calib = val[: cfg.calibration_samples]
-    # Held-out perplexity rows, disjoint from calibration, short enough that vLLM can score
-    # them within the model's context (one generated token on top).
+    # Held-out blocks, disjoint from calibration, short enough that vLLM can score them
+    # within the model's context (one generated token on top); and the held-out task answers
+    # given their prompts (what the gate's perplexity is).
     width = min(val.shape[1], model.config.max_position_embeddings - cfg.eval.max_new_tokens)
-    ppl_rows = val[cfg.calibration_samples : need, :width].tolist()
+    tok = load_tokenizer(src)
+    score_sets = {
+        "answers": [
+            (p + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(p))
+            for p, a in zip(prompt_ids, answers, strict=True)
+        ],
+        "lm": [(row, 1) for row in val[cfg.calibration_samples : need, :width].tolist()],
+    }
     batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
 
     t0 = time.perf_counter()
     result = compress_weights(model, batches, cfg)
     seconds = time.perf_counter() - t0
-    save_compressed(model, load_tokenizer(src), result["scales"], cfg, Path(out_dir) / "model")
+    save_compressed(model, tok, result["scales"], cfg, Path(out_dir) / "model")
 
     n_params = sum(p.numel() for p in load_model(src).parameters())
     metrics: dict[str, float] = {
@@ -107,15 +115,15 @@ def _compress_job(
         metrics["onnx/bytes"] = float(onnx["bytes"])
 
     ev = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    before = evaluate_torch(src, prompt_ids, answers, ppl_rows, **ev)
-    after = evaluate_torch(str(Path(out_dir) / "model"), prompt_ids, answers, ppl_rows, **ev)
-    return {"metrics": metrics, "before": before, "after": after, "ppl_rows": ppl_rows}
+    before = evaluate_torch(src, prompt_ids, answers, score_sets, **ev)
+    after = evaluate_torch(str(Path(out_dir) / "model"), prompt_ids, answers, score_sets, **ev)
+    return {"metrics": metrics, "before": before, "after": after, "score_sets": score_sets}
 
 
-def _vllm_job(model_dir: str, prompt_ids: list, answers: list, ppl_rows: list, vcfg: dict) -> dict:
+def _vllm_job(model_dir: str, prompt_ids: list, answers: list, sets: dict, vcfg: dict) -> dict:
     from lifecycle.compress.evaluate import evaluate_vllm
 
-    return evaluate_vllm(model_dir, prompt_ids, answers, ppl_rows, **vcfg)
+    return evaluate_vllm(model_dir, prompt_ids, answers, sets, **vcfg)
 
 
 def model_upstream(rlhf: StageResult | None, distill: StageResult | None) -> StageResult:
@@ -170,8 +178,8 @@ def quantize(
                     "dtype": cfg.vllm.dtype,
                 }
                 # One fresh worker process per engine: vLLM's memory goes with it.
-                vtask = as_task(_vllm_job, cfg.scaling).options(max_calls=1)
-                args = (prompt_ids, answers, out["ppl_rows"], vcfg)
+                vtask = as_task(_vllm_job, cfg.scaling, max_calls=1)
+                args = (prompt_ids, answers, out["score_sets"], vcfg)
                 v_before = ray.get(vtask.remote(str(src), *args))
                 v_after = ray.get(vtask.remote(str(tmp / "model"), *args))
                 pairs["vllm"] = (v_before, v_after)
@@ -181,8 +189,10 @@ def quantize(
             for engine, (b, a) in pairs.items():
                 metrics[f"{engine}/exact_match_before"] = b["exact_match"]
                 metrics[f"{engine}/exact_match_after"] = a["exact_match"]
-                metrics[f"{engine}/perplexity_before"] = b["perplexity"]
-                metrics[f"{engine}/perplexity_after"] = a["perplexity"]
+                for name in b["perplexities"]:
+                    tag = "" if name == "answers" else f"_{name}"
+                    metrics[f"{engine}/perplexity{tag}_before"] = b["perplexities"][name]
+                    metrics[f"{engine}/perplexity{tag}_after"] = a["perplexities"][name]
                 metrics[f"{engine}/greedy_agreement"] = agreement(b["outputs"], a["outputs"])
             metrics["gate/passed"] = float(verdict["passed"])
             title = f"quantize {cfg.method}" + (

@@ -2,13 +2,16 @@
 before and after, through PyTorch and through vLLM, and the verdict.
 
     from lifecycle.compress.evaluate import evaluate_torch, evaluate_vllm, judge
-    before = evaluate_torch(src_dir, prompt_ids, answers, ppl_rows, max_new_tokens=12)
-    after = evaluate_torch(out_dir, prompt_ids, answers, ppl_rows, max_new_tokens=12)
+    sets = {"answers": [(prompt + answer_ids, len(prompt)), ...], "lm": [(block, 1), ...]}
+    before = evaluate_torch(src_dir, prompt_ids, answers, sets, max_new_tokens=12)
+    after = evaluate_torch(out_dir, prompt_ids, answers, sets, max_new_tokens=12)
     verdict = judge({"torch": (before, after)}, GateConfig())
 
 Every engine gets token ids, not text: both see exactly the same inputs. Measured per model:
-task exact-match of greedy outputs on held-out demo prompts, perplexity on held-out blocks of
-the data stage's val split, and the greedy outputs themselves (for agreement with the source).
+task exact-match of greedy outputs on held-out demo prompts; perplexity of each scoring set
+(rows of token ids, each scored from its `start` position on: the held-out answers given
+their prompts, which the gate uses, and held-out blocks of the data stage's val split); and
+the greedy outputs themselves (for agreement with the source).
 """
 
 from __future__ import annotations
@@ -22,7 +25,37 @@ from typing import Any
 import torch
 
 from lifecycle.config import GateConfig
+from lifecycle.data.instruct import IGNORE
 from lifecycle.eval.generate import left_pad
+
+ScoreRows = Sequence[tuple[Sequence[int], int]]
+"""(token ids, first scored position ≥ 1): each row's tokens from `start` on are scored."""
+GATED_SET = "answers"
+
+
+@torch.no_grad()
+def _mean_nll_torch(model: torch.nn.Module, rows: ScoreRows, pad: int, batch: int = 32) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        y = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (ids, start) in enumerate(chunk):
+            x[r, : len(ids)] = torch.tensor(ids)
+            y[r, start : len(ids)] = torch.tensor(ids[start:])
+            mask[r, : len(ids)] = 1
+        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            y[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += float(nll)
+        count += int((y[:, 1:] != IGNORE).sum())
+    return total / max(1, count)
 
 
 @torch.no_grad()
@@ -30,7 +63,7 @@ def evaluate_torch(
     model_dir: str,
     prompt_ids: Sequence[Sequence[int]],
     answers: Sequence[str],
-    ppl_rows: Sequence[Sequence[int]],
+    score_sets: dict[str, ScoreRows],
     *,
     max_new_tokens: int,
     batch_size: int = 64,
@@ -38,7 +71,6 @@ def evaluate_torch(
     """Exact-match, perplexity and greedy outputs of a model dir (quantized ones included:
     transformers loads compressed-tensors checkpoints and runs them with their int8
     activation quantization simulated)."""
-    from lifecycle.eval.lm import heldout_loss
     from lifecycle.models import load_model, load_tokenizer
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -55,15 +87,15 @@ def evaluate_torch(
             eos_token_id=tok.eos_token_id,
         )
         outputs += [tok.decode(r, skip_special_tokens=True).strip() for r in gen[:, ids.shape[1] :]]
-    loss = heldout_loss(model, torch.tensor(ppl_rows, dtype=torch.long))["loss"]
-    return _summary(outputs, answers, loss, engine="torch")
+    losses = {k: _mean_nll_torch(model, rows, tok.pad_token_id) for k, rows in score_sets.items()}
+    return _summary(outputs, answers, losses, engine="torch")
 
 
 def evaluate_vllm(
     model_dir: str,
     prompt_ids: Sequence[Sequence[int]],
     answers: Sequence[str],
-    ppl_rows: Sequence[Sequence[int]],
+    score_sets: dict[str, ScoreRows],
     *,
     max_new_tokens: int,
     kv_cache_gb: float = 1.0,
@@ -75,7 +107,8 @@ def evaluate_vllm(
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    longest = max(len(r) for r in [*prompt_ids, *ppl_rows])
+    rows = [ids for rows in score_sets.values() for ids, _ in rows]
+    longest = max(len(r) for r in [*prompt_ids, *rows])
     llm = LLM(
         model=model_dir,
         dtype=dtype,
@@ -88,28 +121,38 @@ def evaluate_vllm(
         greedy = SamplingParams(
             max_tokens=max_new_tokens, temperature=0.0, skip_special_tokens=True
         )
-        outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], greedy)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], greedy, use_tqdm=False
+        )
         outputs = [o.outputs[0].text.strip() for o in outs]
         score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=list(r)) for r in ppl_rows], score)
-        nll, n = 0.0, 0
-        for o in outs:
-            for tok_id, lps in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:], strict=True):
-                nll -= lps[tok_id].logprob
-                n += 1
+        losses = {}
+        for name, rows in score_sets.items():
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in rows], score, use_tqdm=False
+            )
+            nll, n = 0.0, 0
+            for o, (ids, start) in zip(outs, rows, strict=True):
+                for pos in range(start, len(ids)):
+                    nll -= o.prompt_logprobs[pos][ids[pos]].logprob
+                    n += 1
+            losses[name] = nll / max(1, n)
     finally:
         del llm
         gc.collect()
-    return _summary(outputs, answers, nll / max(1, n), engine="vllm")
+    return _summary(outputs, answers, losses, engine="vllm")
 
 
-def _summary(outputs: list[str], answers: Sequence[str], loss: float, engine: str) -> dict:
+def _summary(
+    outputs: list[str], answers: Sequence[str], losses: dict[str, float], engine: str
+) -> dict:
     em = sum(o == a.strip() for o, a in zip(outputs, answers, strict=True)) / max(1, len(answers))
+    ppl = {k: math.exp(min(v, 50)) for k, v in losses.items()}
     return {
         "engine": engine,
         "exact_match": em,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50)),
+        "perplexity": ppl.get(GATED_SET, next(iter(ppl.values()), float("nan"))),
+        "perplexities": ppl,
         "outputs": outputs,
     }
 

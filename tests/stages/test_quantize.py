@@ -30,7 +30,12 @@ def _upstreams(whole_chain) -> tuple[StageResult, StageResult]:
 
 def _cfg(**kw) -> QuantizeConfig:
     base = {
-        "eval": {"prompts": 200, "max_new_tokens": 12, "perplexity_blocks": 32},
+        "eval": {
+            "demo_tasks": ["copy", "upper", "first", "last"],
+            "prompts": 200,
+            "max_new_tokens": 12,
+            "perplexity_blocks": 32,
+        },
         "scaling": {"resources_per_worker": {"CPU": 2}},
         "gate": {"max_exact_match_drop": 0.08, "max_perplexity_ratio": 1.5},
     }
@@ -109,7 +114,7 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
             "max_position_embeddings": 256,
         },
         data={"demo": {"num_train": 4000, "num_eval": 100}, "max_length": 32},
-        eval={"prompts": 200, "max_new_tokens": 12},
+        eval={"demo_tasks": ["copy", "upper", "first", "last"], "prompts": 200},
         max_steps=300,
         micro_batch_size=32,
         checkpoint_every=150,
