@@ -667,10 +667,11 @@ class PipelineConfig(_Strict):
                     f"data.block_size ({need}) exceeds pretrain.model.max_position_embeddings "
                     f"({have})"
                 )
-        if self.quantize is not None and self.pretrain is not None:
-            _check_quantizable(self.pretrain.model, self.quantize, "pretrain.model")
+        # The model that gets quantized: the distilled student when there is one.
         if self.quantize is not None and self.distill is not None:
             _check_quantizable(self.distill.student, self.quantize, "distill.student")
+        elif self.quantize is not None and self.pretrain is not None:
+            _check_quantizable(self.pretrain.model, self.quantize, "pretrain.model")
         return self
 
     def section(self, stage: str) -> BaseModel | None:
@@ -682,6 +683,11 @@ VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 def _check_quantizable(model: ModelConfig, q: QuantizeConfig, where: str) -> None:
     """Shapes vLLM's CPU kernels need, checked before anything trains for an hour."""
+    if model.arch != "llama" and q.method != "none" or model.arch != "llama" and q.prune:
+        raise ValueError(
+            f"{where}: quantization and pruning support Llama-family models, got arch "
+            f"{model.arch!r}; distill into a llama student (distill.student) or set quantize: null"
+        )
     head_dim = model.hidden_size // model.num_heads
     if q.vllm.enabled and head_dim not in VLLM_CPU_HEAD_DIMS:
         raise ValueError(

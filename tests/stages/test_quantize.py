@@ -118,6 +118,7 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
         max_steps=300,
         micro_batch_size=32,
         checkpoint_every=150,
+        warmup_steps=10,
         log_every=50,
         scaling={"num_workers": 1, "resources_per_worker": {"CPU": 2}},
     )
@@ -136,3 +137,11 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
     )  # trained past its initialisation
     mv = tracking.model_version(ctx.tracking_uri, "test-llm-distilled", "1")
     assert mv.tags["lifecycle.teacher_model"].startswith("external:")
+    # A student that cannot keep up (random init, a few steps) fails the gate; told to, the
+    # stage keeps the teacher and says why.
+    weak = cfg.model_copy(
+        update={"init_from_teacher": False, "max_steps": 20, "on_fail": "keep_teacher"}
+    )
+    kept = distill.fn(weak, rlhf, make_ctx("weak"), key="w" * 64)
+    assert kept.artifact_uri == rlhf.artifact_uri and kept.metrics["gate/passed"] == 0.0
+    assert "distillation gate failed" in kept.error and "keeping the teacher" in kept.error
