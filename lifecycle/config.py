@@ -683,7 +683,7 @@ VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 def _check_quantizable(model: ModelConfig, q: QuantizeConfig, where: str) -> None:
     """Shapes vLLM's CPU kernels need, checked before anything trains for an hour."""
-    if model.arch != "llama" and q.method != "none" or model.arch != "llama" and q.prune:
+    if model.arch != "llama" and (q.method != "none" or q.prune is not None):
         raise ValueError(
             f"{where}: quantization and pruning support Llama-family models, got arch "
             f"{model.arch!r}; distill into a llama student (distill.student) or set quantize: null"

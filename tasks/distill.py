@@ -22,11 +22,12 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import DistillConfig, config_hash
+from lifecycle.config import DistillConfig
 from lifecycle.data.instruct import demo_prompts
 from lifecycle.eval.generate import evaluate_model
 from ray_cluster.compute import run_remote
 from ray_cluster.train import fit_causal_lm
+from tasks.lineage import kept_upstream, lineage_tags, register_result
 from tasks.sft import chat_tokenizer, prepare_instructions
 
 
@@ -90,22 +91,10 @@ def distill(cfg: DistillConfig, upstream: StageResult, ctx: RunContext, key: str
             "gate/passed": float(passed),
         }
         tracking.log_metrics(uri, run_id, metrics, step=cfg.max_steps)
-        parent_version = ""
-        if upstream.mlflow_run_id:
-            parent_version = tracking.get_run(uri, upstream.mlflow_run_id).data.tags.get(
-                "lifecycle.model_version", ""
-            )
-        lineage = {
-            "lifecycle.stage": "distill",
-            "lifecycle.teacher_model": f"{ctx.registered_model}-{upstream.stage}/{parent_version}"
-            if parent_version
-            else f"external:{teacher}",
-            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
-            "lifecycle.config_hash": config_hash(cfg),
-            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
-            "lifecycle.run_name": ctx.run_name,
-            "lifecycle.gate_passed": str(passed).lower(),
-        }
+        lineage = lineage_tags(
+            ctx, "distill", cfg, upstream, **{"lifecycle.gate_passed": str(passed).lower()}
+        )
+        lineage["lifecycle.teacher_model"] = lineage["lifecycle.parent_model"]
         tracking.set_tags(uri, run_id, lineage)
         if not passed:
             message = (
@@ -115,32 +104,19 @@ def distill(cfg: DistillConfig, upstream: StageResult, ctx: RunContext, key: str
             )
             if cfg.on_fail == "fail":
                 raise DistillGateFailed(message)
-            return StageResult(
-                stage="distill",
-                status="completed",
-                artifact_uri=str(teacher),
-                mlflow_run_id=run_id,
-                metrics=metrics,
-                artifact_id=upstream.artifact_id,
-                error=f"{message}; keeping the teacher {teacher}",
+            return kept_upstream(
+                "distill", upstream, run_id, metrics, f"{message}; keeping the teacher {teacher}"
             )
-        version = tracking.register_model(
-            uri,
+        return register_result(
+            ctx,
             run_id,
-            f"{ctx.registered_model}-distilled",
+            "distill",
             final / "model",
             lineage,
-            description=f"student distilled from {lineage['lifecycle.teacher_model']}",
+            f"student distilled from {lineage['lifecycle.teacher_model']}",
+            metrics,
+            key,
         )
-        tracking.set_tags(uri, run_id, {"lifecycle.model_version": version})
-    return StageResult(
-        stage="distill",
-        status="completed",
-        artifact_uri=str(final / "model"),
-        mlflow_run_id=run_id,
-        metrics=metrics,
-        artifact_id=f"{ctx.registered_model}-distilled/{version}:{key[:16]}",
-    )
 
 
 def _num_params(model_dir: str) -> int:

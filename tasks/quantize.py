@@ -29,9 +29,10 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import QuantizeConfig, config_hash
+from lifecycle.config import QuantizeConfig
 from lifecycle.data.instruct import demo_prompts
 from ray_cluster.compute import as_task
+from tasks.lineage import kept_upstream, lineage_tags, register_result
 from tasks.sft import chat_tokenizer
 
 
@@ -231,55 +232,35 @@ def quantize(
         tracking.log_metrics(uri, run_id, metrics, step=0)
         for name in ("gate.md", "gate.json", "outputs.jsonl"):
             tracking.log_artifact(uri, run_id, final / name, "gate")
-        parent_version = ""
-        if upstream.mlflow_run_id:
-            parent_version = tracking.get_run(uri, upstream.mlflow_run_id).data.tags.get(
-                "lifecycle.model_version", ""
-            )
-        lineage = {
-            "lifecycle.stage": "quantize",
-            "lifecycle.quantize_method": cfg.method,
-            "lifecycle.quantize_algorithm": cfg.algorithm,
-            "lifecycle.prune": f"{cfg.prune.method}:{cfg.prune.pattern}:{cfg.prune.sparsity}"
-            if cfg.prune
-            else "none",
-            "lifecycle.parent_model": f"{ctx.registered_model}-{upstream.stage}/{parent_version}"
-            if parent_version
-            else f"external:{src}",
-            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
-            "lifecycle.config_hash": config_hash(cfg),
-            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
-            "lifecycle.run_name": ctx.run_name,
-            "lifecycle.gate_passed": str(verdict["passed"]).lower(),
-        }
+        prune = cfg.prune
+        lineage = lineage_tags(
+            ctx,
+            "quantize",
+            cfg,
+            upstream,
+            **{
+                "lifecycle.quantize_method": cfg.method,
+                "lifecycle.quantize_algorithm": cfg.algorithm,
+                "lifecycle.prune": f"{prune.method}:{prune.pattern}:{prune.sparsity}"
+                if prune
+                else "none",
+                "lifecycle.gate_passed": str(verdict["passed"]).lower(),
+            },
+        )
         if not verdict["passed"]:
             tracking.set_tags(uri, run_id, lineage)
             message = f"quality gate failed for {title}: " + "; ".join(verdict["failures"])
             if cfg.gate.on_fail == "fail":
                 raise GateFailed(f"{message} (report: {final / 'gate.md'})")
-            return StageResult(
-                stage="quantize",
-                status="completed",
-                artifact_uri=str(src),
-                mlflow_run_id=run_id,
-                metrics=metrics,
-                artifact_id=upstream.artifact_id,
-                error=f"{message}; shipping the uncompressed model {src}",
-            )
-        version = tracking.register_model(
-            uri,
+            why = f"{message}; shipping the uncompressed model {src}"
+            return kept_upstream("quantize", upstream, run_id, metrics, why)
+        return register_result(
+            ctx,
             run_id,
-            f"{ctx.registered_model}-quantized",
+            "quantize",
             final / "model",
             lineage,
-            description=f"{title} of {lineage['lifecycle.parent_model']} by run {ctx.run_name}",
+            f"{title} of {lineage['lifecycle.parent_model']} by run {ctx.run_name}",
+            metrics,
+            key,
         )
-        tracking.set_tags(uri, run_id, {**lineage, "lifecycle.model_version": version})
-    return StageResult(
-        stage="quantize",
-        status="completed",
-        artifact_uri=str(final / "model"),
-        mlflow_run_id=run_id,
-        metrics=metrics,
-        artifact_id=f"{ctx.registered_model}-quantized/{version}:{key[:16]}",
-    )

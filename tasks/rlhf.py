@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import RLHFConfig, config_hash
+from lifecycle.config import RLHFConfig
 from lifecycle.data.instruct import demo_prompts, write_rows
 from lifecycle.data.preference import demo_pairs, read_pairs, rlaif_records
 from lifecycle.rlhf.evaluate import evaluate_policy
@@ -33,6 +33,7 @@ from lifecycle.rlhf.reward import accuracy_of_dir, make_reward_fn, pair_rows
 from ray_cluster.compute import run_remote
 from ray_cluster.generate import sample_responses
 from ray_cluster.rlhf import fit_rlhf
+from tasks.lineage import lineage_tags, register_result
 from tasks.sft import chat_tokenizer
 
 
@@ -209,23 +210,13 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
             )
         if rejects:
             tracking.log_artifact(uri, run_id, final / "rejects.jsonl")
-        parent_version = ""
-        if upstream.mlflow_run_id:
-            parent_version = tracking.get_run(uri, upstream.mlflow_run_id).data.tags.get(
-                "lifecycle.model_version", ""
-            )
-        lineage = {
-            "lifecycle.stage": "rlhf",
-            "lifecycle.rlhf_algorithm": cfg.algorithm,
-            "lifecycle.judge": judge["kind"],
-            "lifecycle.parent_model": f"{ctx.registered_model}-sft/{parent_version}"
-            if parent_version
-            else f"external:{sft_dir}",
-            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
-            "lifecycle.config_hash": config_hash(cfg),
-            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
-            "lifecycle.run_name": ctx.run_name,
-        }
+        lineage = lineage_tags(
+            ctx,
+            "rlhf",
+            cfg,
+            upstream,
+            **{"lifecycle.rlhf_algorithm": cfg.algorithm, "lifecycle.judge": judge["kind"]},
+        )
         if rm_dir is not None:
             rm_version = tracking.register_model(
                 uri,
@@ -237,23 +228,16 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
                 artifact_path="reward_model",
             )
             lineage["lifecycle.reward_model_version"] = rm_version
-        version = tracking.register_model(
-            uri,
+        return register_result(
+            ctx,
             run_id,
-            f"{ctx.registered_model}-rlhf",
+            "rlhf",
             final / "model",
             lineage,
-            description=f"{cfg.algorithm} alignment by run {ctx.run_name}",
+            f"{cfg.algorithm} alignment by run {ctx.run_name}",
+            metrics,
+            key,
         )
-        tracking.set_tags(uri, run_id, {**lineage, "lifecycle.model_version": version})
-    return StageResult(
-        stage="rlhf",
-        status="completed",
-        artifact_uri=str(final / "model"),
-        mlflow_run_id=run_id,
-        metrics=metrics,
-        artifact_id=f"{ctx.registered_model}-rlhf/{version}:{key[:16]}",
-    )
 
 
 def demo_user(prompt: str) -> str:

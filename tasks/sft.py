@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import DistillConfig, SFTConfig, config_hash
+from lifecycle.config import DistillConfig, SFTConfig
 from lifecycle.data import demo
 from lifecycle.data.instruct import build_rows, is_val, prompt_and_answer, read_records, write_rows
 from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
@@ -34,6 +34,7 @@ from lifecycle.eval.generate import evaluate_model
 from lifecycle.models import load_tokenizer
 from ray_cluster.compute import run_remote
 from ray_cluster.train import fit_causal_lm
+from tasks.lineage import lineage_tags, register_result
 
 Pair = tuple[str, str]
 
@@ -165,38 +166,25 @@ def finetune(
             tracking.log_artifact(uri, run_id, final / "data" / "rejects.jsonl")
         if (final / "adapter").is_dir():
             tracking.log_artifacts(uri, run_id, final / "adapter", "adapter")
-        parent_version = ""
-        if upstream.mlflow_run_id:
-            parent_tags = tracking.get_run(uri, upstream.mlflow_run_id).data.tags
-            parent_version = parent_tags.get("lifecycle.model_version", "")
-        lineage = {
-            "lifecycle.stage": "sft",
-            "lifecycle.sft_method": cfg.method,
-            "lifecycle.base_model": str(base),
-            "lifecycle.parent_model": f"{ctx.registered_model}-pretrain/{parent_version}"
-            if parent_version
-            else f"external:{base}",
-            "lifecycle.parent_stage_run_id": upstream.mlflow_run_id or "",
-            "lifecycle.config_hash": config_hash(cfg),
-            "lifecycle.git_sha": ctx.code_version.split("+", 1)[0],
-            "lifecycle.code_version": ctx.code_version,
-            "lifecycle.run_name": ctx.run_name,
-            "lifecycle.artifact_kind": out.name,  # model, or adapter (load through PEFT)
-        }
-        version = tracking.register_model(
-            uri,
+        lineage = lineage_tags(
+            ctx,
+            "sft",
+            cfg,
+            upstream,
+            **{
+                "lifecycle.sft_method": cfg.method,
+                "lifecycle.base_model": str(base),
+                # model, or adapter (load through PEFT)
+                "lifecycle.artifact_kind": out.name,
+            },
+        )
+        return register_result(
+            ctx,
             run_id,
-            f"{ctx.registered_model}-sft",
+            "sft",
             out,
             lineage,
-            description=f"{cfg.method} fine-tune by run {ctx.run_name}",
+            f"{cfg.method} fine-tune by run {ctx.run_name}",
+            metrics,
+            key,
         )
-        tracking.set_tags(uri, run_id, {**lineage, "lifecycle.model_version": version})
-    return StageResult(
-        stage="sft",
-        status="completed",
-        artifact_uri=str(out),
-        mlflow_run_id=run_id,
-        metrics={k: float(v) for k, v in metrics.items()},
-        artifact_id=f"{ctx.registered_model}-sft/{version}:{key[:16]}",
-    )

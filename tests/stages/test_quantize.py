@@ -89,7 +89,7 @@ def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, m
     assert res.metrics["prune/sparsity"] == 0.5
     assert res.metrics["torch/perplexity_after"] > res.metrics["torch/perplexity_before"]
     # Exactly half of every pruned linear is zero in the written checkpoint.
-    pruned = Path(ctx.workspace) / "artifacts" / "quantize" / ("p" * 64) / "model"
+    pruned = ctx.stage_dir("quantize", "p" * 64) / "model"
     with safe_open(str(pruned / "model.safetensors"), "pt") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if name.endswith(("proj.weight",)):
