@@ -113,12 +113,18 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
             "intermediate_size": 32,
             "max_position_embeddings": 256,
         },
-        data={"demo": {"num_train": 4000, "num_eval": 100}, "max_length": 32},
+        data={
+            "demo": {
+                "num_train": 4000,
+                "num_eval": 100,
+                "tasks": ["copy", "upper", "first", "last"],
+            },
+            "max_length": 32,
+        },
         eval={"demo_tasks": ["copy", "upper", "first", "last"], "prompts": 200},
         max_steps=300,
         micro_batch_size=32,
         checkpoint_every=150,
-        warmup_steps=10,
         log_every=50,
         scaling={"num_workers": 1, "resources_per_worker": {"CPU": 2}},
     )
