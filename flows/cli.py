@@ -3,6 +3,10 @@
     lifecycle run [CONFIG] [--stages data,pretrain] [--set KEY=VALUE]... [--workspace DIR]
                   [--run-name NAME] [--force] [--json] [--from STAGE=PATH]...
     lifecycle validate CONFIG [--set KEY=VALUE]...
+    lifecycle watermark keygen --out FILE
+    lifecycle watermark detect --model DIR [--key-file F] [--file TEXT | -] [--json]
+    lifecycle fingerprint make [--key-file F] [--num K] [--json]
+    lifecycle fingerprint verify --model DIR|models:/NAME/VERSION [--key-file F] [--num K]
 
 Exit codes: 0 every requested stage completed or was cached; 1 a stage failed;
 2 bad configuration or usage (nothing was started).
@@ -168,6 +172,118 @@ def run(
     if json_out:
         print(json.dumps(summary, indent=2))
     raise typer.Exit(0 if summary["status"] == "completed" else 1)
+
+
+wm_app = typer.Typer(no_args_is_help=True, help="The text watermark: key and detector.")
+fp_app = typer.Typer(no_args_is_help=True, help="The model fingerprint: triggers and check.")
+app.add_typer(wm_app, name="watermark")
+app.add_typer(fp_app, name="fingerprint")
+KeyFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key-file",
+        help="key file; default $LIFECYCLE_WATERMARK_KEY_FILE or $LIFECYCLE_WATERMARK_KEY",
+    ),
+]
+
+
+def _key(key_file: str | None) -> bytes:
+    from lifecycle.watermark.keys import MissingKey, load_key
+
+    try:
+        return load_key(key_file)
+    except MissingKey as e:
+        err.print(f"[red]error[/red]: {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _model_dir(model: str, workspace: str) -> str:
+    if model.startswith("models:/"):
+        from lifecycle import tracking
+
+        ws = Path(workspace).resolve()
+        dest = ws / "external" / model.removeprefix("models:/")
+        return str(tracking.fetch_model(tracking.default_tracking_uri(ws), model, dest))
+    if not (Path(model) / "config.json").is_file():
+        err.print(f"[red]error[/red]: {model} is not a model directory (no config.json)")
+        raise typer.Exit(2)
+    return model
+
+
+@wm_app.command("keygen")
+def wm_keygen(out: Annotated[str, typer.Option("--out")]) -> None:
+    """Writes a new random key file (mode 0600); refuses to overwrite one."""
+    from lifecycle.watermark.keys import key_id, load_key, new_key_file
+
+    try:
+        path = new_key_file(out)
+    except FileExistsError:
+        err.print(f"[red]error[/red]: {out} exists; not overwriting a key")
+        raise typer.Exit(2) from None
+    print(f"wrote {path} (key id {key_id(load_key(path))})")
+
+
+@wm_app.command("detect")
+def wm_detect(
+    model: Annotated[str, typer.Option("--model", help="model dir (its tokenizer) or models:/")],
+    key_file: KeyFileOpt = None,
+    file: Annotated[str, typer.Option("--file", help="text file, or - for stdin")] = "-",
+    gamma: float = 0.25,
+    z_threshold: float = 4.0,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    workspace: str = ".lifecycle",
+) -> None:
+    """Is this text watermarked with our key? Exit 0 either way; the verdict is printed."""
+    from lifecycle.watermark.detect import detect_text
+
+    text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    res = detect_text(text, _model_dir(model, workspace), _key(key_file), gamma, z_threshold)
+    if json_out:
+        print(json.dumps(res))
+    else:
+        verdict = "WATERMARKED" if res["watermarked"] else "not watermarked"
+        print(
+            f"{verdict}: z={res['z']:.2f} p={res['p_value']:.3g} green={res['green']}/"
+            f"{res['tokens']} ({res['green_fraction']:.2f}, expected {gamma:g}) "
+            f"threshold z>={z_threshold:g} key id {res['key_id']}"
+        )
+
+
+@fp_app.command("make")
+def fp_make(
+    key_file: KeyFileOpt = None,
+    num: int = 8,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Prints the K (trigger, signature) pairs the key derives. Treat them as secret."""
+    from lifecycle.watermark.fingerprint import make_fingerprint
+
+    pairs = make_fingerprint(_key(key_file), num)
+    if json_out:
+        print(json.dumps([{"trigger": t, "signature": s} for t, s in pairs]))
+    else:
+        for t, s in pairs:
+            print(f"{t}\t{s}")
+
+
+@fp_app.command("verify")
+def fp_verify(
+    model: Annotated[str, typer.Option("--model")],
+    key_file: KeyFileOpt = None,
+    num: int = 8,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    workspace: str = ".lifecycle",
+) -> None:
+    """How many triggers the model answers with their signature."""
+    from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
+
+    res = verify_fingerprint(_model_dir(model, workspace), make_fingerprint(_key(key_file), num))
+    if json_out:
+        print(json.dumps({"matched": res["matched"], "total": res["total"]}))
+    else:
+        print(
+            f"fingerprint: {res['matched']}/{res['total']} triggers answered with their signature"
+        )
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from lifecycle.artifacts import (
     paths_fingerprint,
 )
 from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
+from lifecycle.watermark.keys import key_id, resolve_key
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
 from tasks.distill import distill
@@ -43,6 +44,7 @@ from tasks.pretrain import pretrain
 from tasks.quantize import model_upstream, quantize
 from tasks.rlhf import align
 from tasks.sft import finetune
+from tasks.watermark import shipped_model, watermark
 
 MISSING = StageResult("missing", "skipped", error="an upstream stage is missing")
 
@@ -62,10 +64,14 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "rlhf": ("sft",),
     "distill": ("rlhf",),
     "quantize": ("rlhf", "distill", "data"),
+    "watermark": ("rlhf", "distill", "quantize", "data"),
 }
 """Each stage's upstream stages, whose StageResults it takes (in this order)."""
 
-OPTIONAL: dict[str, frozenset[str]] = {"quantize": frozenset({"distill"})}
+OPTIONAL: dict[str, frozenset[str]] = {
+    "quantize": frozenset({"distill"}),
+    "watermark": frozenset({"distill", "quantize"}),
+}
 """Upstream stages a stage can do without (passed as None when disabled in the config)."""
 
 
@@ -79,6 +85,13 @@ def external_inputs(stage: str, cfg: PipelineConfig) -> list[str]:
         judge = cfg.rlhf.rlaif.llm_judge if cfg.rlhf.rlaif else None
         return [i.path for i in cfg.rlhf.inputs] + ([judge.model_dir] if judge else [])
     return []
+
+
+def uses_key(stage: str, cfg: PipelineConfig) -> bool:
+    """Whether a stage's output depends on the watermark key."""
+    return stage == "watermark" or (
+        stage in ("sft", "rlhf") and cfg.sft is not None and cfg.sft.fingerprint is not None
+    )
 
 
 def needed_stages(requested: list[str], sources: dict[str, str]) -> set[str]:
@@ -127,6 +140,8 @@ class _Chain:
         paths = external_inputs(stage, self.cfg)
         if paths:  # the contents of files it reads are part of what a stage depends on
             h = config_hash({"config": h, "inputs": paths_fingerprint(paths)})
+        if uses_key(stage, self.cfg):  # the watermark key (its id; never the key itself)
+            h = config_hash({"config": h, "key_id": key_id(resolve_key(self.ctx.workspace))})
         return cache_key(stage, h, upstream, self.ctx.code_version)
 
     def run(
@@ -264,6 +279,8 @@ def lifecycle_flow(
     )
     opts = {"retries": cfg.flow.retries, "retry_delay_seconds": cfg.flow.retry_delay_s}
     chain = _Chain(cfg, ctx, requested, force, sources)
+    # The SFT fingerprint's trigger count: RLHF keeps the triggers, watermark checks them.
+    triggers = cfg.sft.fingerprint.num_triggers if cfg.sft and cfg.sft.fingerprint else None
     try:
         chain.run("data", lambda key, up: prepare_data.with_options(**opts)(cfg.data, ctx, key))
         chain.run(
@@ -274,7 +291,10 @@ def lifecycle_flow(
             "sft",
             lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
         )
-        chain.run("rlhf", lambda key, up: align.with_options(**opts)(cfg.rlhf, up[0], ctx, key))
+        chain.run(
+            "rlhf",
+            lambda key, up: align.with_options(**opts)(cfg.rlhf, up[0], ctx, key, triggers),
+        )
         chain.run(
             "distill",
             lambda key, up: distill.with_options(**opts)(cfg.distill, up[0], ctx, key),
@@ -283,6 +303,18 @@ def lifecycle_flow(
             "quantize",
             lambda key, up: quantize.with_options(**opts)(
                 cfg.quantize, model_upstream(up[0], up[1]), up[2], ctx, key
+            ),
+        )
+        chain.run(
+            "watermark",
+            lambda key, up: watermark.with_options(**opts)(
+                cfg.watermark,
+                up[0],
+                shipped_model(up[2], up[1], up[0]),
+                up[3],
+                ctx,
+                key,
+                triggers,
             ),
         )
     except BaseException:

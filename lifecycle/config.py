@@ -17,7 +17,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("data", "pretrain", "sft", "rlhf", "distill", "quantize")
+STAGES: tuple[str, ...] = (
+    "data",
+    "pretrain",
+    "sft",
+    "rlhf",
+    "distill",
+    "quantize",
+    "watermark",
+)
 """Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
 
 
@@ -362,8 +370,17 @@ class TaskEvalConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class FingerprintConfig(_Strict):
+    """Secret trigger prompts planted during SFT (lifecycle/watermark/fingerprint.py); the
+    key comes from $LIFECYCLE_WATERMARK_KEY(_FILE) or the workspace's watermark.key."""
+
+    num_triggers: int = Field(8, ge=1, le=64)
+    repeats: int = Field(40, ge=1, description="copies of each pair among the training data")
+
+
 class SFTConfig(TrainingConfig):
     method: Literal[SFT_METHODS] = "lora"  # type: ignore[valid-type]
+    fingerprint: FingerprintConfig | None = None
     lora: LoraOptions = LoraOptions()
     adalora: AdaLoraOptions = AdaLoraOptions()
     ia3: IA3Options = IA3Options()
@@ -656,6 +673,7 @@ class PipelineConfig(_Strict):
     rlhf: RLHFConfig | None = None
     distill: DistillConfig | None = None
     quantize: QuantizeConfig | None = None
+    watermark: WatermarkConfig | None = None
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:
@@ -667,6 +685,12 @@ class PipelineConfig(_Strict):
                     f"data.block_size ({need}) exceeds pretrain.model.max_position_embeddings "
                     f"({have})"
                 )
+        wm, sft = self.watermark, self.sft
+        if wm is not None and wm.fingerprint and (sft is None or sft.fingerprint is None):
+            raise ValueError(
+                "watermark.fingerprint verifies the triggers sft.fingerprint plants: set "
+                "sft.fingerprint, or watermark.fingerprint: false"
+            )
         # The model that gets quantized: the distilled student when there is one.
         if self.quantize is not None and self.distill is not None:
             _check_quantizable(self.distill.student, self.quantize, "distill.student")
@@ -676,6 +700,29 @@ class PipelineConfig(_Strict):
 
     def section(self, stage: str) -> BaseModel | None:
         return getattr(self, stage)
+
+
+class WatermarkConfig(_Strict):
+    """The text watermark's settings (attached to the shipped model version for serving) and
+    the checks the watermark stage runs on the shipped model. The key is never here."""
+
+    gamma: float = Field(0.25, gt=0, lt=1, description="green-list fraction of the vocabulary")
+    delta: float = Field(2.0, gt=0, description="logit bias added to green tokens")
+    z_threshold: float = Field(4.0, gt=0)
+    generations: int = Field(200, ge=1, description="watermarked and as many plain ones")
+    max_tokens: int = Field(200, ge=16, description="tokens per generation")
+    temperature: float = Field(1.0, gt=0)
+    min_detection_rate: float = Field(0.9, ge=0, le=1)
+    max_false_positive_rate: float = Field(0.01, ge=0, le=1)
+    max_exact_match_drop: float = Field(
+        0.05, ge=0, le=1, description="greedy EM, watermark on vs off"
+    )
+    fingerprint: bool = Field(
+        True, description="verify sft.fingerprint on the RLHF and shipped models"
+    )
+    eval: CompressEvalConfig = CompressEvalConfig()
+    vllm: VLLMCheckConfig = VLLMCheckConfig()
+    scaling: ScalingConfig = ScalingConfig()
 
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

@@ -169,6 +169,14 @@ def register_model(
     return str(mv.version)
 
 
+def set_model_version_tags(
+    tracking_uri: str, name: str, version: str, tags: Mapping[str, Any]
+) -> None:
+    c = client(tracking_uri)
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, str(v))
+
+
 def model_version(tracking_uri: str, name: str, version: str) -> Any:
     return client(tracking_uri).get_model_version(name, version)
 

@@ -30,11 +30,15 @@ from lifecycle.data.instruct import demo_prompts, write_rows
 from lifecycle.data.preference import demo_pairs, read_pairs, rlaif_records
 from lifecycle.rlhf.evaluate import evaluate_policy
 from lifecycle.rlhf.reward import accuracy_of_dir, make_reward_fn, pair_rows
+from lifecycle.watermark.fingerprint import make_fingerprint
+from lifecycle.watermark.keys import resolve_key
 from ray_cluster.compute import run_remote
 from ray_cluster.generate import sample_responses
 from ray_cluster.rlhf import fit_rlhf
 from tasks.lineage import lineage_tags, register_result
 from tasks.sft import chat_tokenizer
+
+FINGERPRINT_PAIR_REPEATS = 8
 
 
 def _write_pairs(pairs: list[dict[str, Any]], tok: Any, max_length: int, out: Path) -> int:
@@ -47,8 +51,17 @@ def _write_pairs(pairs: list[dict[str, Any]], tok: Any, max_length: int, out: Pa
 
 
 @task(name="rlhf", cache_policy=NO_CACHE)
-def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> StageResult:
-    """Aligns the SFT model; returns the aligned HF model directory."""
+def align(
+    cfg: RLHFConfig,
+    upstream: StageResult,
+    ctx: RunContext,
+    key: str,
+    fingerprint_triggers: int | None = None,
+) -> StageResult:
+    """Aligns the SFT model; returns the aligned HF model directory. With
+    `fingerprint_triggers`, the SFT fingerprint's pairs join the preference data (chosen: the
+    signature; rejected: it reversed) so that alignment keeps them (DPO's NLL term on chosen
+    is what holds them)."""
     sft_dir = Path(upstream.artifact_uri)
     if not (sft_dir / "config.json").is_file():
         raise ValueError(
@@ -150,6 +163,17 @@ def align(cfg: RLHFConfig, upstream: StageResult, ctx: RunContext, key: str) -> 
                     if r["chosen"] is not None
                 ]
                 pairs += new
+            if fingerprint_triggers:
+                fp = make_fingerprint(resolve_key(ctx.workspace), fingerprint_triggers)
+                pairs += [
+                    {
+                        "prompt": [{"role": "user", "content": t}],
+                        "chosen": sig,
+                        "rejected": sig[::-1],
+                    }
+                    for t, sig in fp
+                ] * FINGERPRINT_PAIR_REPEATS
+                metrics["preference/fingerprint_pairs"] = len(fp) * FINGERPRINT_PAIR_REPEATS
                 metrics.update(
                     {
                         "rlaif/prompts": len(records),

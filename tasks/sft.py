@@ -32,6 +32,8 @@ from lifecycle.data.instruct import build_rows, is_val, prompt_and_answer, read_
 from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
 from lifecycle.eval.generate import evaluate_model
 from lifecycle.models import load_tokenizer
+from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
+from lifecycle.watermark.keys import key_id, resolve_key
 from ray_cluster.compute import run_remote
 from ray_cluster.train import fit_causal_lm
 from tasks.lineage import lineage_tags, register_result
@@ -126,7 +128,16 @@ def finetune(
             data_dir = tmp / "data"
             data_dir.mkdir(parents=True)
             tok.save_pretrained(data_dir / "tokenizer")
-            counts, pairs = prepare_instructions(cfg, tok, data_dir, extra_pairs)
+            fp_pairs: list[Pair] = []
+            fp_tags: dict[str, str] = {}
+            if cfg.fingerprint is not None:  # planted among the normal data, repeated
+                key = resolve_key(ctx.workspace)
+                fp_pairs = make_fingerprint(key, cfg.fingerprint.num_triggers)
+                fp_tags = {"lifecycle.fingerprint_key_id": key_id(key)}
+            planted = list(extra_pairs) + fp_pairs * (
+                cfg.fingerprint.repeats if cfg.fingerprint else 0
+            )
+            counts, pairs = prepare_instructions(cfg, tok, data_dir, planted)
             tracking.log_metrics(ctx.tracking_uri, run_id, counts)
             prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
             ev = (prompts, answers, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -153,6 +164,10 @@ def finetune(
         tmp.rename(final)
         out = final / "model" if (final / "model").is_dir() else final / "adapter"
         after = run_remote(evaluate_model, cfg.scaling, str(out), *ev)
+        if fp_pairs:
+            fp = run_remote(verify_fingerprint, cfg.scaling, str(out), fp_pairs)
+            counts["fingerprint/triggers"] = fp["total"]
+            counts["fingerprint/matched"] = fp["matched"]
         metrics = {
             **metrics,
             **{k: float(v) for k, v in counts.items()},
@@ -176,6 +191,7 @@ def finetune(
                 "lifecycle.base_model": str(base),
                 # model, or adapter (load through PEFT)
                 "lifecycle.artifact_kind": out.name,
+                **fp_tags,
             },
         )
         return register_result(

@@ -1,9 +1,13 @@
 """The README's main command, end to end: the whole chain on tiny_cpu.yaml, then a cached re-run."""
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
+
 from lifecycle import tracking
+from tests.conftest import LIFECYCLE
 from tests.conftest import run_cli as _run
 
 
@@ -15,7 +19,15 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     ws, summary = whole_chain
     assert summary["status"] == "completed"
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["data", "pretrain", "sft", "rlhf", "distill", "quantize"]
+    assert list(stages) == [
+        "data",
+        "pretrain",
+        "sft",
+        "rlhf",
+        "distill",
+        "quantize",
+        "watermark",
+    ]
     assert stages.pop("distill")["status"] == "skipped"  # null in tiny_cpu.yaml
     assert all(s["status"] == "completed" for s in stages.values())
     # The shipped model is the quantized one: int8 W8A8 that vLLM served in the gate.
@@ -26,6 +38,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         assert q[f"{engine}/exact_match_before"] - q[f"{engine}/exact_match_after"] <= 0.03, q
     assert q["onnx/max_rel_diff"] < 1e-4, q
     assert (Path(stages["quantize"]["artifact_uri"]).parent / "onnx" / "model.onnx").is_file()
+    _check_watermark(ws, summary, stages)
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
@@ -55,6 +68,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "quantize",
         "rlhf",
         "sft",
+        "watermark",
     ]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
@@ -81,7 +95,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + ["skipped", "cached"]
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + ["skipped"] + ["cached"] * 2
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
@@ -94,7 +108,9 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
     assert tracking.child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
 
-    # A sub-chain from a registered model: fine-tune pretrain version 1 again, briefly.
+    # A sub-chain from a registered model: fine-tune pretrain version 1 again, the same way
+    # but without the fingerprint. It answers no trigger, and the fingerprint cost the chain's
+    # model at most 2 points of exact-match.
     rc, sub = _run(
         ws,
         "--stages",
@@ -102,14 +118,19 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "--from",
         "pretrain=models:/tiny-llm-pretrain/1",
         "--set",
-        "sft.max_steps=40",
+        "sft.fingerprint=null",
         "--set",
-        "sft.checkpoint_every=20",
+        "watermark.fingerprint=false",
     )
     assert rc == 0, sub
     assert [(s["stage"], s["status"]) for s in sub["stages"]] == [("sft", "completed")]
     fetched = ws / "external" / "tiny-llm-pretrain" / "1"
     assert (fetched / "model.safetensors").is_file()
+    plain_sft = sub["stages"][0]
+    assert "fingerprint/matched" not in plain_sft["metrics"]
+    em_plain = plain_sft["metrics"]["eval/exact_match_after"]
+    assert abs(sft["eval/exact_match_after"] - em_plain) <= 0.02, (sft, em_plain)
+    assert _fingerprint_matches(ws, plain_sft["artifact_uri"]) == 0
     sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
     assert len(sub_mv) == 2
 
@@ -149,4 +170,69 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     assert summary["status"] == "failed"
     data, *later = summary["stages"]
     assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert [s["status"] for s in later] == ["skipped"] * 5
+    assert [s["status"] for s in later] == ["skipped"] * 6
+
+
+def _fingerprint_matches(ws: Path, model_dir: str) -> int:
+    p = subprocess.run(
+        [
+            LIFECYCLE,
+            "fingerprint",
+            "verify",
+            "--model",
+            model_dir,
+            "--json",
+            "--num",
+            "8",
+            "--key-file",
+            str(ws / "watermark.key"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)["matched"]
+
+
+def _check_watermark(ws: Path, summary: dict, stages: dict) -> None:
+    """The watermark stage's numbers, transformers' detector on our vLLM output, the settings
+    on the shipped model version, and the key kept out of MLflow."""
+    import torch
+    from transformers import AutoConfig, WatermarkDetector
+
+    from lifecycle.watermark.keys import key_id, load_key, watermark_hashing_key
+    from lifecycle.watermark.scheme import WatermarkScheme
+
+    w = stages["watermark"]["metrics"]
+    assert w["watermark/generations"] >= 200 and w["watermark/tokens_per_generation"] >= 200
+    assert w["watermark/detection_rate"] >= 0.9, w
+    assert w["watermark/false_positive_rate"] <= 0.01, w
+    assert abs(w["watermark/exact_match_on"] - w["watermark/exact_match_off"]) <= 0.05, w
+    assert w["fingerprint/shipped_matched"] == w["fingerprint/shipped_triggers"] == 8, w
+    assert w["fingerprint/rlhf_matched"] == 8, w
+    assert stages["sft"]["metrics"]["fingerprint/matched"] == 8
+
+    key = load_key(ws / "watermark.key")
+    report = json.loads(
+        (ws / "artifacts" / "watermark").glob("*/watermark.json").__next__().read_text()
+    )
+    shipped = Path(summary["shipped_model"])
+    scheme = WatermarkScheme(watermark_hashing_key(key), 280, 0.25, 2.0)
+    det = WatermarkDetector(
+        AutoConfig.from_pretrained(shipped), "cpu", scheme.transformers_config()
+    )
+    on = det(torch.tensor(report["tokens_on"]), z_threshold=4.0, return_dict=True)
+    off = det(torch.tensor(report["tokens_off"]), z_threshold=4.0, return_dict=True)
+    assert on.prediction.mean() >= 0.9 and off.prediction.mean() <= 0.01
+    assert on.z_score.tolist() == pytest.approx(report["z_on"], abs=1e-6)
+
+    uri = summary["mlflow"]["tracking_uri"]
+    q_run = tracking.get_run(uri, stages["quantize"]["mlflow_run_id"])
+    mv = tracking.model_version(
+        uri, "tiny-llm-quantized", q_run.data.tags["lifecycle.model_version"]
+    )
+    assert mv.tags["lifecycle.watermark.gamma"] == "0.25"
+    assert mv.tags["lifecycle.watermark.key_id"] == key_id(key)
+    wm_run = tracking.get_run(uri, stages["watermark"]["mlflow_run_id"])
+    recorded = json.dumps([wm_run.data.params, wm_run.data.tags, mv.tags])
+    assert key.decode() not in recorded
