@@ -709,6 +709,9 @@ class WatermarkConfig(_Strict):
     gamma: float = Field(0.25, gt=0, lt=1, description="green-list fraction of the vocabulary")
     delta: float = Field(2.0, gt=0, description="logit bias added to green tokens")
     z_threshold: float = Field(4.0, gt=0)
+    ignore_repeated: bool = Field(
+        True, description="detection scores each distinct (previous, next) token pair once"
+    )
     generations: int = Field(200, ge=1, description="watermarked and as many plain ones")
     max_tokens: int = Field(200, ge=16, description="tokens per generation")
     temperature: float = Field(1.0, gt=0)

@@ -163,6 +163,13 @@ def align(
                     if r["chosen"] is not None
                 ]
                 pairs += new
+                metrics.update(
+                    {
+                        "rlaif/prompts": len(records),
+                        "rlaif/pairs": len(new),
+                        "rlaif/responses": sum(len(r["responses"]) for r in records),
+                    }
+                )
             if fingerprint_triggers:
                 fp = make_fingerprint(resolve_key(ctx.workspace), fingerprint_triggers)
                 pairs += [
@@ -174,13 +181,6 @@ def align(
                     for t, sig in fp
                 ] * FINGERPRINT_PAIR_REPEATS
                 metrics["preference/fingerprint_pairs"] = len(fp) * FINGERPRINT_PAIR_REPEATS
-                metrics.update(
-                    {
-                        "rlaif/prompts": len(records),
-                        "rlaif/pairs": len(new),
-                        "rlaif/responses": sum(len(r["responses"]) for r in records),
-                    }
-                )
 
             # (4) the algorithm
             algo_data = tmp / "algo_data"

@@ -95,8 +95,8 @@ def _vllm_watermark_job(
     on, off = sample(wm), sample(None)
     vocab = llm.llm_engine.model_config.hf_config.vocab_size
     scheme = WatermarkScheme(watermark_hashing_key(load_key()), vocab, cfg.gamma, cfg.delta)
-    z_on = [scheme.detect(t, cfg.z_threshold)["z"] for t in on]
-    z_off = [scheme.detect(t, cfg.z_threshold)["z"] for t in off]
+    z_on = [scheme.detect(t, cfg.z_threshold, cfg.ignore_repeated)["z"] for t in on]
+    z_off = [scheme.detect(t, cfg.z_threshold, cfg.ignore_repeated)["z"] for t in off]
 
     def nll(gens: list[list[int]]) -> float:  # under the plain model: no extra_args
         rows = [p + g for p, g in zip(open_prompts, gens, strict=True)]
@@ -275,9 +275,11 @@ def watermark(
                     "failures": failures,
                     "z_on": out["z_on"],
                     "z_off": out["z_off"],
+                    # what was generated, so any detector can be run on it again
+                    "tokens_on": out["tokens_on"],
+                    "tokens_off": out["tokens_off"],
                     "fingerprint": fp,
                 },
-                indent=2,
             )
         )
         shutil.rmtree(final, ignore_errors=True)

@@ -59,10 +59,19 @@ class WatermarkScheme:
         out[ids] += self.delta
         return out
 
-    def detect(self, token_ids: Sequence[int], z_threshold: float = 4.0) -> dict[str, Any]:
+    def detect(
+        self, token_ids: Sequence[int], z_threshold: float = 4.0, ignore_repeated: bool = True
+    ) -> dict[str, Any]:
         """z-score, one-sided p-value, green fraction and verdict of a token sequence (every
-        token after the first is scored against its predecessor, as transformers does)."""
+        token after the first is scored against its predecessor, as transformers does).
+
+        `ignore_repeated` (transformers' `ignore_repeated_ngrams`) scores each distinct
+        (previous, next) pair once: repetitive text — which small models produce — otherwise
+        counts one lucky or unlucky pair dozens of times and swings z far from 0 either way.
+        """
         pairs = list(itertools.pairwise(token_ids))
+        if ignore_repeated:
+            pairs = list(dict.fromkeys(pairs))
         n = len(pairs)
         green = sum(self.is_green(a, b) for a, b in pairs)
         if n == 0:

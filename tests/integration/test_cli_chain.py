@@ -4,8 +4,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from lifecycle import tracking
 from tests.conftest import LIFECYCLE
 from tests.conftest import run_cli as _run
@@ -29,6 +27,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "watermark",
     ]
     assert stages.pop("distill")["status"] == "skipped"  # null in tiny_cpu.yaml
+    assert stages.pop("watermark")["status"] == "skipped"  # null in tiny_cpu.yaml
     assert all(s["status"] == "completed" for s in stages.values())
     # The shipped model is the quantized one: int8 W8A8 that vLLM served in the gate.
     q = stages["quantize"]["metrics"]
@@ -38,7 +37,11 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         assert q[f"{engine}/exact_match_before"] - q[f"{engine}/exact_match_after"] <= 0.03, q
     assert q["onnx/max_rel_diff"] < 1e-4, q
     assert (Path(stages["quantize"]["artifact_uri"]).parent / "onnx" / "model.onnx").is_file()
-    _check_watermark(ws, summary, stages)
+    # The fingerprint planted by SFT answers on the aligned and on the quantized model.
+    assert stages["sft"]["metrics"]["fingerprint/matched"] == 8
+    assert stages["rlhf"]["metrics"]["preference/fingerprint_pairs"] > 0
+    for stage in ("rlhf", "quantize"):
+        assert _fingerprint_matches(ws, stages[stage]["artifact_uri"]) == 8, stage
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
@@ -68,7 +71,6 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "quantize",
         "rlhf",
         "sft",
-        "watermark",
     ]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
@@ -95,7 +97,11 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + ["skipped"] + ["cached"] * 2
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + [
+        "skipped",
+        "cached",
+        "skipped",
+    ]
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
@@ -192,47 +198,3 @@ def _fingerprint_matches(ws: Path, model_dir: str) -> int:
     )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)["matched"]
-
-
-def _check_watermark(ws: Path, summary: dict, stages: dict) -> None:
-    """The watermark stage's numbers, transformers' detector on our vLLM output, the settings
-    on the shipped model version, and the key kept out of MLflow."""
-    import torch
-    from transformers import AutoConfig, WatermarkDetector
-
-    from lifecycle.watermark.keys import key_id, load_key, watermark_hashing_key
-    from lifecycle.watermark.scheme import WatermarkScheme
-
-    w = stages["watermark"]["metrics"]
-    assert w["watermark/generations"] >= 200 and w["watermark/tokens_per_generation"] >= 200
-    assert w["watermark/detection_rate"] >= 0.9, w
-    assert w["watermark/false_positive_rate"] <= 0.01, w
-    assert abs(w["watermark/exact_match_on"] - w["watermark/exact_match_off"]) <= 0.05, w
-    assert w["fingerprint/shipped_matched"] == w["fingerprint/shipped_triggers"] == 8, w
-    assert w["fingerprint/rlhf_matched"] == 8, w
-    assert stages["sft"]["metrics"]["fingerprint/matched"] == 8
-
-    key = load_key(ws / "watermark.key")
-    report = json.loads(
-        (ws / "artifacts" / "watermark").glob("*/watermark.json").__next__().read_text()
-    )
-    shipped = Path(summary["shipped_model"])
-    scheme = WatermarkScheme(watermark_hashing_key(key), 280, 0.25, 2.0)
-    det = WatermarkDetector(
-        AutoConfig.from_pretrained(shipped), "cpu", scheme.transformers_config()
-    )
-    on = det(torch.tensor(report["tokens_on"]), z_threshold=4.0, return_dict=True)
-    off = det(torch.tensor(report["tokens_off"]), z_threshold=4.0, return_dict=True)
-    assert on.prediction.mean() >= 0.9 and off.prediction.mean() <= 0.01
-    assert on.z_score.tolist() == pytest.approx(report["z_on"], abs=1e-6)
-
-    uri = summary["mlflow"]["tracking_uri"]
-    q_run = tracking.get_run(uri, stages["quantize"]["mlflow_run_id"])
-    mv = tracking.model_version(
-        uri, "tiny-llm-quantized", q_run.data.tags["lifecycle.model_version"]
-    )
-    assert mv.tags["lifecycle.watermark.gamma"] == "0.25"
-    assert mv.tags["lifecycle.watermark.key_id"] == key_id(key)
-    wm_run = tracking.get_run(uri, stages["watermark"]["mlflow_run_id"])
-    recorded = json.dumps([wm_run.data.params, wm_run.data.tags, mv.tags])
-    assert key.decode() not in recorded
