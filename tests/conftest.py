@@ -15,6 +15,10 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="lifecycle-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# One fixed watermark key for the session (the fingerprint SFT plants derives from it): runs
+# are reproducible, as they are for a team that sets its key once.
+os.environ["LIFECYCLE_WATERMARK_KEY"] = "llm-lifecycle-test-session-key-0001"
+os.environ.pop("LIFECYCLE_WATERMARK_KEY_FILE", None)
 
 import pytest  # noqa: E402
 

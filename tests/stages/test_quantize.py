@@ -146,7 +146,12 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
     # A student that cannot keep up (random init, a few steps) fails the gate; told to, the
     # stage keeps the teacher and says why.
     weak = cfg.model_copy(
-        update={"init_from_teacher": False, "max_steps": 20, "on_fail": "keep_teacher"}
+        update={
+            "init_from_teacher": False,
+            "max_steps": 20,
+            "warmup_steps": 5,
+            "on_fail": "keep_teacher",
+        }
     )
     kept = distill.fn(weak, rlhf, make_ctx("weak"), key="w" * 64)
     assert kept.artifact_uri == rlhf.artifact_uri and kept.metrics["gate/passed"] == 0.0
