@@ -4,6 +4,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from lifecycle import tracking
 from tests.conftest import LIFECYCLE
 from tests.conftest import run_cli as _run
@@ -13,6 +15,7 @@ def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.timeout(2400)  # includes the session's whole-chain fixture (~6 min on 2 cores)
 def test_whole_chain_then_cached_rerun(whole_chain):
     ws, summary = whole_chain
     assert summary["status"] == "completed"
