@@ -44,7 +44,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert stages["sft"]["metrics"]["fingerprint/matched"] == 8
     assert stages["rlhf"]["metrics"]["preference/fingerprint_pairs"] > 0
     for stage in ("rlhf", "quantize"):
-        assert _fingerprint_matches(ws, stages[stage]["artifact_uri"]) == 8, stage
+        assert _fingerprint_matches(stages[stage]["artifact_uri"]) == 8, stage
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
@@ -139,7 +139,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert "fingerprint/matched" not in plain_sft["metrics"]
     em_plain = plain_sft["metrics"]["eval/exact_match_after"]
     assert abs(sft["eval/exact_match_after"] - em_plain) <= 0.02, (sft, em_plain)
-    assert _fingerprint_matches(ws, plain_sft["artifact_uri"]) == 0
+    assert _fingerprint_matches(plain_sft["artifact_uri"]) == 0
     sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
     assert len(sub_mv) == 2
 
@@ -182,7 +182,7 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     assert [s["status"] for s in later] == ["skipped"] * 6
 
 
-def _fingerprint_matches(ws: Path, model_dir: str) -> int:
+def _fingerprint_matches(model_dir: str) -> int:
     p = subprocess.run(
         [
             LIFECYCLE,
