@@ -7,6 +7,9 @@
     lifecycle watermark detect --model DIR [--key-file F] [--file TEXT | -] [--json]
     lifecycle fingerprint make [--key-file F] [--num K] [--json]
     lifecycle fingerprint verify --model DIR|models:/NAME/VERSION [--key-file F] [--num K]
+    lifecycle serve [--model models:/NAME@champion | DIR] [--port N] [--detach]
+    lifecycle serve status | lifecycle serve stop
+    lifecycle rollback
 
 Exit codes: 0 every requested stage completed or was cached; 1 a stage failed;
 2 bad configuration or usage (nothing was started).
@@ -284,6 +287,121 @@ def fp_verify(
         print(
             f"fingerprint: {res['matched']}/{res['total']} triggers answered with their signature"
         )
+
+
+serve_app = typer.Typer(
+    invoke_without_command=True,
+    help="Serve a model (default: the registry's champion) on Ray Serve with vLLM.",
+)
+app.add_typer(serve_app, name="serve")
+WorkspaceOpt = Annotated[str, typer.Option(help="Workspace directory.")]
+
+
+@serve_app.callback()
+def serve(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or a model dir."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="HTTP port (default: deploy.serve.port).")
+    ] = None,
+    detach: Annotated[bool, typer.Option(help="Run in the background; print the URL.")] = False,
+    config: Annotated[str, typer.Option(help="Pipeline YAML (cluster, tracking, serve).")] = (
+        DEFAULT_CONFIG
+    ),
+    workspace: WorkspaceOpt = ".lifecycle",
+    poll_s: Annotated[float, typer.Option(help="Seconds between registry checks.")] = 5.0,
+    set_: SetOpt = None,
+) -> None:
+    """Serves until Ctrl-C (or `lifecycle serve stop`), following an alias as it moves."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flows import serving
+
+    try:
+        cfg = load_config(_resolve_config(config), set_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+    running = serving.read_state(workspace)
+    if running is not None:
+        err.print(
+            f"[red]error[/red]: a server already runs for this workspace (pid {running['pid']}, "
+            f"{running['url']}): `lifecycle serve stop` first"
+        )
+        raise typer.Exit(2)
+    if detach:
+        argv = [a for a in sys.argv[sys.argv.index("serve") + 1 :] if a != "--detach"]
+        timeout = cfg.deploy.serve.startup_timeout_s if cfg.deploy else 600.0
+        try:
+            state = serving.detach(argv, workspace, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            err.print(f"[red]error[/red]: {e}", highlight=False)
+            raise typer.Exit(1) from None
+        print(json.dumps(state))
+        return
+    try:
+        serving.serve_forever(cfg, workspace, model, port, poll_s)
+    except ValueError as e:
+        err.print(f"[red]error[/red]: {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@serve_app.command("status")
+def serve_status(workspace: WorkspaceOpt = ".lifecycle") -> None:
+    """The workspace's server: pid, URL, the version it serves and its /healthz."""
+    import httpx
+
+    from flows import serving
+
+    state = serving.read_state(workspace)
+    if state is None:
+        err.print("no server runs for this workspace")
+        raise typer.Exit(1)
+    try:
+        state["health"] = httpx.get(f"{state['url']}/healthz", timeout=10).json()
+    except httpx.HTTPError as e:
+        state["health"] = {"status": f"unreachable: {e}"}
+    print(json.dumps(state, indent=2))
+
+
+@serve_app.command("stop")
+def serve_stop(workspace: WorkspaceOpt = ".lifecycle") -> None:
+    """Stops the workspace's server (SIGTERM; it shuts Serve and its Ray down)."""
+    from flows import serving
+
+    state = serving.stop(workspace)
+    if state is None:
+        err.print("no server runs for this workspace")
+        raise typer.Exit(1)
+    err.print(f"stopped pid {state['pid']} ({state['url']})")
+
+
+@app.command()
+def rollback(
+    config: Annotated[str, typer.Option(help="Pipeline YAML (tracking).")] = DEFAULT_CONFIG,
+    workspace: WorkspaceOpt = ".lifecycle",
+    set_: SetOpt = None,
+) -> None:
+    """Moves the `champion` alias back to the previous champion; a running `lifecycle serve`
+    that follows the alias rolls over to it."""
+    from lifecycle import tracking
+    from tasks.deploy import rollback as do_rollback
+
+    try:
+        cfg = load_config(_resolve_config(config), set_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+    ws = Path(workspace).resolve()
+    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    name = cfg.tracking.registered_model
+    try:
+        old, new = do_rollback(uri, name)
+    except ValueError as e:
+        err.print(f"[red]error[/red]: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    print(f"{name}: champion {old} -> {new}")
 
 
 def main() -> None:

@@ -46,6 +46,13 @@ from tasks.rlhf import align
 from tasks.sft import finetune
 from tasks.watermark import shipped_model, watermark
 
+
+def _deploy() -> Any:
+    from tasks.deploy import deploy  # Ray Serve and FastAPI load only when a run deploys
+
+    return deploy
+
+
 MISSING = StageResult("missing", "skipped", error="an upstream stage is missing")
 
 
@@ -60,17 +67,33 @@ class PipelineFailed(RuntimeError):
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (),
     "pretrain": ("data",),
-    "sft": ("pretrain",),
-    "rlhf": ("sft",),
+    "sft": ("pretrain", "data"),
+    "rlhf": ("sft", "data"),
     "distill": ("rlhf",),
     "quantize": ("rlhf", "distill", "data"),
     "watermark": ("rlhf", "distill", "quantize", "data"),
+    "deploy": ("rlhf", "distill", "quantize", "watermark", "data"),
 }
 """Each stage's upstream stages, whose StageResults it takes (in this order)."""
+
+USED_IF: dict[tuple[str, str], Callable[[PipelineConfig], bool]] = {
+    ("sft", "data"): lambda c: c.sft is not None and c.sft.data.pretrain_mix > 0,
+    ("rlhf", "data"): lambda c: c.rlhf is not None and c.rlhf.ptx_weight > 0,
+}
+"""Upstreams a stage reads only under some settings (passed as None otherwise): SFT and
+RLHF read the data stage's pretraining text for `pretrain_mix` / `ptx_weight`."""
+
+
+def uses_upstream(stage: str, up: str, cfg: PipelineConfig | None) -> bool:
+    """Whether `stage` reads `up`'s output under `cfg` (None: only the unconditional ones)."""
+    when = USED_IF.get((stage, up))
+    return when is None or (cfg is not None and when(cfg))
+
 
 OPTIONAL: dict[str, frozenset[str]] = {
     "quantize": frozenset({"distill"}),
     "watermark": frozenset({"distill", "quantize"}),
+    "deploy": frozenset({"distill", "quantize", "watermark"}),
 }
 """Upstream stages a stage can do without (passed as None when disabled in the config)."""
 
@@ -94,8 +117,11 @@ def uses_key(stage: str, cfg: PipelineConfig) -> bool:
     )
 
 
-def needed_stages(requested: list[str], sources: dict[str, str]) -> set[str]:
-    """The requested stages and what they need upstream, stopping at `--from` sources."""
+def needed_stages(
+    requested: list[str], sources: dict[str, str], cfg: PipelineConfig | None = None
+) -> set[str]:
+    """The requested stages and what they need upstream (under `cfg`, when given), stopping
+    at `--from` sources."""
     need: set[str] = set()
 
     def visit(stage: str) -> None:
@@ -104,7 +130,8 @@ def needed_stages(requested: list[str], sources: dict[str, str]) -> set[str]:
         need.add(stage)
         if stage not in sources:
             for up in DEPENDS[stage]:
-                visit(up)
+                if uses_upstream(stage, up, cfg):
+                    visit(up)
 
     for stage in requested:
         visit(stage)
@@ -128,7 +155,7 @@ class _Chain:
         self.log = get_run_logger()
         self.failed = False
         self.started_ray: bool | None = None  # connected lazily: an all-cached run needs no Ray
-        self.needed = needed_stages(requested, sources)
+        self.needed = needed_stages(requested, sources, cfg)
 
     def close(self) -> None:
         if self.started_ray is not None:
@@ -163,7 +190,7 @@ class _Chain:
         optional = OPTIONAL.get(stage, frozenset())
         ups = [
             None
-            if u in optional and self._disabled(u)
+            if (u in optional and self._disabled(u)) or not uses_upstream(stage, u, self.cfg)
             else self.results.get(u, MISSING if u not in optional else None)
             for u in upstream
         ]
@@ -289,11 +316,13 @@ def lifecycle_flow(
         )
         chain.run(
             "sft",
-            lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key),
+            lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key, data=up[1]),
         )
         chain.run(
             "rlhf",
-            lambda key, up: align.with_options(**opts)(cfg.rlhf, up[0], ctx, key, triggers),
+            lambda key, up: align.with_options(**opts)(
+                cfg.rlhf, up[0], ctx, key, triggers, data=up[1]
+            ),
         )
         chain.run(
             "distill",
@@ -315,6 +344,17 @@ def lifecycle_flow(
                 ctx,
                 key,
                 triggers,
+            ),
+        )
+        chain.run(
+            "deploy",
+            lambda key, up: _deploy().with_options(**opts)(
+                cfg.deploy,
+                shipped_model(up[2], up[1], up[0]),
+                cfg.watermark if up[3] is not None else None,
+                up[4],
+                ctx,
+                key,
             ),
         )
     except BaseException:

@@ -25,6 +25,7 @@ STAGES: tuple[str, ...] = (
     "distill",
     "quantize",
     "watermark",
+    "deploy",
 )
 """Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
 
@@ -355,6 +356,14 @@ class SFTDataConfig(_Strict):
     max_length: int = Field(64, ge=8, description="tokens per example (longer ones are rejected)")
     packing: bool = False
     val_fraction: float = Field(0.05, gt=0, lt=1, description="of file inputs, for eval loss")
+    pretrain_mix: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of training rows that are windows of the data stage's pretraining "
+        "text, loss on every token: the model keeps its language modelling (and the entropy a "
+        "text watermark needs) through fine-tuning",
+    )
 
     @model_validator(mode="after")
     def _has_input(self) -> SFTDataConfig:
@@ -491,6 +500,13 @@ class RLHFConfig(TrainingConfig):
     algorithm: Literal["dpo", "grpo", "ppo"] = "dpo"
     beta: float = Field(0.1, gt=0, description="DPO temperature / GRPO and PPO KL coefficient")
     nll_weight: float = Field(1.0, ge=0, description="DPO: + weight × NLL of chosen (RPO)")
+    ptx_weight: float = Field(
+        0.0,
+        ge=0,
+        description="+ weight × language-model loss on the data stage's pretraining text "
+        "(InstructGPT's PPO-ptx), every step, for dpo and grpo",
+    )
+    ptx_batch_size: int = Field(8, ge=1, description="pretraining windows per ptx step")
     inputs: list[PreferenceInput] = Field(default_factory=list)
     rlaif: RLAIFConfig | None = RLAIFConfig()
     reward_model: RewardModelConfig | None = RewardModelConfig()
@@ -530,6 +546,10 @@ class RLHFConfig(TrainingConfig):
             raise ValueError("rlhf trains in fp32 without gradient accumulation for now")
         if self.algorithm == "ppo" and self.scaling.num_workers > 1:
             raise ValueError("ppo runs on one worker for now: set rlhf.scaling.num_workers: 1")
+        if self.algorithm == "ppo" and self.ptx_weight > 0:
+            raise ValueError(
+                "rlhf.ptx_weight applies to dpo and grpo; ppo's own updates do not take it yet"
+            )
         return self
 
 
@@ -597,6 +617,15 @@ class DistillConfig(TrainingConfig):
     )
     on_fail: Literal["fail", "keep_teacher"] = "fail"
     lr: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _no_mix(self) -> DistillConfig:
+        if self.data.pretrain_mix > 0:
+            raise ValueError(
+                "distill.data.pretrain_mix is not supported: the student learns from the "
+                "teacher's distributions on the instruction data; set it to 0"
+            )
+        return self
 
 
 QUANT_METHODS = ("none", "w8a8", "w4a16", "awq")
@@ -674,6 +703,7 @@ class PipelineConfig(_Strict):
     distill: DistillConfig | None = None
     quantize: QuantizeConfig | None = None
     watermark: WatermarkConfig | None = None
+    deploy: DeployConfig | None = None
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:
@@ -725,6 +755,70 @@ class WatermarkConfig(_Strict):
     )
     eval: CompressEvalConfig = CompressEvalConfig()
     vllm: VLLMCheckConfig = VLLMCheckConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the model's replicas."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeConfig(_Strict):
+    """The OpenAI-compatible endpoint (ray_cluster/serve.py): Ray Serve replicas around
+    vLLM's async engine. Bound to 127.0.0.1 unless `host` says otherwise; with
+    $LIFECYCLE_API_KEY set every /v1 route needs `Authorization: Bearer <key>`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0: a free port")
+    model_id: str | None = Field(
+        None, description="name in /v1/models (default: the registry name)"
+    )
+    watermark: bool = Field(True, description="apply the model version's watermark settings")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(8, ge=1, description="per replica, in the engine at once")
+    max_queued_requests: int = Field(32, ge=1, description="beyond them: 503 with Retry-After")
+    retry_after_s: float = Field(2.0, gt=0)
+    resources_per_replica: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM)")
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's context")
+    max_tokens: int = Field(256, ge=1, description="the most a request may ask for")
+    kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
+class PromotionGateConfig(_Strict):
+    """How much worse than the current champion a candidate may be and still be promoted."""
+
+    max_exact_match_drop: float = Field(0.02, ge=0, le=1)
+    max_perplexity_ratio: float = Field(1.05, ge=1, description="answer perplexity vs champion")
+    max_reward_drop: float = Field(0.02, ge=0, description="mean judge reward vs champion")
+
+
+class DeployConfig(_Strict):
+    """The deploy stage: evaluate the shipped model against the `champion`, promote it through
+    the gate, serve the champion on Ray Serve and check the endpoint."""
+
+    serve: ServeConfig = ServeConfig()
+    gate: PromotionGateConfig = PromotionGateConfig()
+    eval: CompressEvalConfig = CompressEvalConfig()
+    reward_samples: int = Field(2, ge=1, description="sampled responses per prompt for reward")
+    max_endpoint_exact_match_gap: float = Field(
+        0.03, ge=0, le=1, description="endpoint EM vs the evaluation module's, same model"
+    )
+    keep_serving: bool = Field(False, description="leave the app running after the stage")
     scaling: ScalingConfig = ScalingConfig()
 
 

@@ -122,10 +122,25 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         prompts = json.loads((data_dir / "prompts.json").read_text())
         sampler = BatchSampler(len(prompts), cfg.prompts_per_step, world, rank, cfg.seed)
         reward_fn = make_reward_fn(c["reward_spec"])
+    ptx_x = None
+    if kind in ("dpo", "grpo") and (data_dir / "ptx.parquet").is_file():
+        ptx_x, _ = load_rows(data_dir / "ptx.parquet")  # labels = inputs
+        ptx_sampler = BatchSampler(len(ptx_x), cfg.ptx_batch_size, world, rank, cfg.seed + 1)
+
+    def with_ptx(loss: torch.Tensor, net: torch.nn.Module, step: int, stats: dict) -> torch.Tensor:
+        """+ ptx_weight × LM loss on pretraining text (InstructGPT's PPO-ptx)."""
+        if ptx_x is None:
+            return loss
+        xb = ptx_x[ptx_sampler.indices(step)]
+        lm = net(input_ids=xb, labels=xb).loss
+        stats["ptx_loss"] = float(lm)
+        return loss + cfg.ptx_weight * lm
+
     model.train()
     t0, stats = time.perf_counter(), {}
     for step in range(start, steps):
         idx = sampler.indices(step)
+
         if kind in ("reward", "dpo"):
             if kind == "reward":
                 from lifecycle.rlhf.algorithms import reward_step
@@ -143,6 +158,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
                     cfg.beta,
                     cfg.nll_weight,
                 )
+                loss = with_ptx(loss, model, step, stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -155,6 +171,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
             loss, stats = grpo_step(
                 raw, ref, tok, batch, reward_fn, cfg.group_size, cfg.max_new_tokens, cfg.beta
             )
+            loss = with_ptx(loss, raw, step, stats)
             optimizer.zero_grad(set_to_none=True)
             # Through the DDP wrapper's parameters: gradients are averaged across ranks.
             loss.backward()

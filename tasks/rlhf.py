@@ -57,11 +57,12 @@ def align(
     ctx: RunContext,
     key: str,
     fingerprint_triggers: int | None = None,
+    data: StageResult | None = None,
 ) -> StageResult:
     """Aligns the SFT model; returns the aligned HF model directory. With
     `fingerprint_triggers`, the SFT fingerprint's pairs join the preference data (chosen: the
     signature; rejected: it reversed) so that alignment keeps them (DPO's NLL term on chosen
-    is what holds them)."""
+    is what holds them). `data` (the data stage) gives the pretraining text of `ptx_weight`."""
     sft_dir = Path(upstream.artifact_uri)
     if not (sft_dir / "config.json").is_file():
         raise ValueError(
@@ -191,6 +192,19 @@ def align(
             else:
                 algo_data.mkdir()
                 (algo_data / "prompts.json").write_text(json.dumps(train_prompts))
+            if cfg.ptx_weight > 0:  # pretraining text for the ptx term, one batch per step
+                if data is None:
+                    raise ValueError(
+                        f"rlhf.ptx_weight={cfg.ptx_weight} needs the data stage's pretraining "
+                        "blocks: run the data stage (or --from data=DIR), or set ptx_weight: 0"
+                    )
+                from lifecycle.data.instruct import write_rows
+                from lifecycle.data.pipeline import pretrain_windows
+
+                n = min(cfg.max_steps * cfg.ptx_batch_size * cfg.scaling.num_workers, 50_000)
+                ptx = pretrain_windows(data.artifact_uri, "train", cfg.max_length, n, cfg.seed)
+                write_rows(ptx.tolist(), ptx.tolist(), algo_data / "ptx.parquet")
+                metrics["ptx/windows"] = n
             reward_spec = (
                 judge if cfg.reward == "judge" else {"kind": "reward_model", "model_dir": rm_dir}
             )

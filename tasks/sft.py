@@ -42,10 +42,23 @@ Pair = tuple[str, str]
 
 
 def prepare_instructions(
-    cfg: SFTConfig | DistillConfig, tokenizer: Any, out: Path, extra_pairs: Sequence[Pair] = ()
+    cfg: SFTConfig | DistillConfig,
+    tokenizer: Any,
+    out: Path,
+    extra_pairs: Sequence[Pair] = (),
+    pretrain_data: str | None = None,
 ) -> tuple[dict[str, int], list[Pair]]:
-    """Writes train/val rows and rejects under `out`; returns (counts, held-out eval pairs)."""
+    """Writes train/val rows and rejects under `out`; returns (counts, held-out eval pairs).
+
+    With `data.pretrain_mix` > 0, that share of the training rows are windows of the data
+    stage's pretraining text (`pretrain_data`, its output dir) with the loss on every token.
+    """
     d = cfg.data
+    if d.pretrain_mix > 0 and pretrain_data is None:
+        raise ValueError(
+            f"sft.data.pretrain_mix={d.pretrain_mix} needs the data stage's pretraining blocks: "
+            "run the data stage (or pass --from data=DIR), or set pretrain_mix: 0"
+        )
     train: list[list[dict[str, str]]] = []
     val: list[list[dict[str, str]]] = []
     rejects = []
@@ -82,6 +95,13 @@ def prepare_instructions(
     vx, vy, long_val = build_rows(val, tokenizer, d.max_length, packing=False)
     if not tx or not vx:
         raise ValueError(f"sft: every example is longer than sft.data.max_length={d.max_length}")
+    mixed = 0
+    if d.pretrain_mix > 0:
+        from lifecycle.data.pipeline import pretrain_windows
+
+        mixed = round(len(tx) * d.pretrain_mix / (1 - d.pretrain_mix))
+        windows = pretrain_windows(pretrain_data, "train", d.max_length, mixed, cfg.seed).tolist()
+        tx, ty = tx + windows, ty + windows  # labels = inputs: the loss is on every token
     write_rows(tx, ty, out / "train.parquet")
     write_rows(vx, vy, out / "val.parquet")
     with open(out / "rejects.jsonl", "w") as f:
@@ -95,6 +115,7 @@ def prepare_instructions(
         "malformed_rejected": len(rejects),
         "too_long_rejected": long_train + long_val,
         "extra_pairs": len(extra_pairs),
+        "pretrain_rows_mixed": mixed,
     }
     return counts, eval_pairs
 
@@ -116,8 +137,10 @@ def finetune(
     ctx: RunContext,
     key: str,
     extra_pairs: Sequence[Pair] = (),
+    data: StageResult | None = None,
 ) -> StageResult:
-    """Fine-tunes the upstream model; `extra_pairs` (prompt, response) join the training set."""
+    """Fine-tunes the upstream model; `extra_pairs` (prompt, response) join the training set;
+    `data` (the data stage) gives the pretraining text of `sft.data.pretrain_mix`."""
     base = Path(upstream.artifact_uri)
     final = ctx.stage_dir("sft", key)
     tmp = final.with_name(final.name + ".partial")
@@ -131,13 +154,15 @@ def finetune(
             fp_pairs: list[Pair] = []
             fp_tags: dict[str, str] = {}
             if cfg.fingerprint is not None:  # planted among the normal data, repeated
-                key = resolve_key(ctx.workspace)
-                fp_pairs = make_fingerprint(key, cfg.fingerprint.num_triggers)
-                fp_tags = {"lifecycle.fingerprint_key_id": key_id(key)}
+                secret = resolve_key(ctx.workspace)  # not `key`: that is the cache key
+                fp_pairs = make_fingerprint(secret, cfg.fingerprint.num_triggers)
+                fp_tags = {"lifecycle.fingerprint_key_id": key_id(secret)}
             planted = list(extra_pairs) + fp_pairs * (
                 cfg.fingerprint.repeats if cfg.fingerprint else 0
             )
-            counts, pairs = prepare_instructions(cfg, tok, data_dir, planted)
+            counts, pairs = prepare_instructions(
+                cfg, tok, data_dir, planted, data.artifact_uri if data is not None else None
+            )
             tracking.log_metrics(ctx.tracking_uri, run_id, counts)
             prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
             ev = (prompts, answers, cfg.eval.max_new_tokens, cfg.eval.batch_size)

@@ -103,6 +103,10 @@ def run_cli(ws: Path, *extra: str) -> tuple[int, dict]:
         *extra,
     ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    with open(
+        ws.parent / "cli.log", "a"
+    ) as log:  # what the run printed: the key-leak test reads it
+        log.write(p.stderr)
     assert p.stdout.strip(), p.stderr[-3000:]
     return p.returncode, json.loads(p.stdout)  # stdout holds the summary JSON and nothing else
 

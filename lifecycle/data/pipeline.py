@@ -303,3 +303,21 @@ def load_blocks(data_dir: str | Path, split: str) -> Any:
         flat = col.combine_chunks().flatten().to_numpy()
         arrays.append(flat.reshape(-1, manifest["block_size"]))
     return torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+
+
+def pretrain_windows(data_dir: str | Path, split: str, length: int, count: int, seed: int) -> Any:
+    """`count` windows of `length` tokens at seeded random offsets of one split's blocks, as
+    an int64 tensor [count, length]: pretraining text that a fine-tuning stage mixes in so the
+    model keeps its language modelling (SFT's `pretrain_mix`, RLHF's `ptx_weight`)."""
+    import torch
+
+    blocks = load_blocks(data_dir, split)
+    if blocks.shape[1] < length:
+        raise ValueError(
+            f"{data_dir}: blocks of {blocks.shape[1]} tokens are shorter than the {length}-token "
+            "windows asked for"
+        )
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, blocks.shape[0], (count,), generator=g)
+    starts = torch.randint(0, blocks.shape[1] - length + 1, (count,), generator=g)
+    return torch.stack([blocks[r, s : s + length] for r, s in zip(rows, starts, strict=True)])

@@ -1,13 +1,16 @@
 """The README's main command, end to end: the whole chain on tiny_cpu.yaml, then a cached re-run."""
 
 import json
+import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from lifecycle import tracking
-from tests.conftest import LIFECYCLE
+from tests.conftest import LIFECYCLE, ROOT, free_port
 from tests.conftest import run_cli as _run
 
 
@@ -28,9 +31,9 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "distill",
         "quantize",
         "watermark",
+        "deploy",
     ]
     assert stages.pop("distill")["status"] == "skipped"  # null in tiny_cpu.yaml
-    assert stages.pop("watermark")["status"] == "skipped"  # null in tiny_cpu.yaml
     assert all(s["status"] == "completed" for s in stages.values())
     # The shipped model is the quantized one: int8 W8A8 that vLLM served in the gate.
     q = stages["quantize"]["metrics"]
@@ -45,6 +48,18 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert stages["rlhf"]["metrics"]["preference/fingerprint_pairs"] > 0
     for stage in ("rlhf", "quantize"):
         assert _fingerprint_matches(stages[stage]["artifact_uri"]) == 8, stage
+    # The text watermark on the shipped model (vLLM, 200 + 200 generations of 200 tokens).
+    w = stages["watermark"]["metrics"]
+    assert w["watermark/generations"] >= 200 and w["watermark/tokens_per_generation"] == 200
+    assert w["watermark/detection_rate"] >= 0.9, w
+    assert w["watermark/false_positive_rate"] <= 0.01, w
+    assert w["watermark/exact_match_off"] - w["watermark/exact_match_on"] <= 0.05, w
+    assert w["fingerprint/shipped_matched"] == 8 and w["fingerprint/rlhf_matched"] == 8, w
+    # Deploy: the first candidate becomes champion; the endpoint answered like the evaluation.
+    d = stages["deploy"]["metrics"]
+    assert d["promotion/promoted"] == 1.0 and d["serving/version"] == d["promotion/version"]
+    assert d["endpoint/exact_match_gap"] <= 0.03, d
+    assert d["endpoint/watermark_detection_rate"] >= 0.9 and d["endpoint/plain_flagged_rate"] == 0
     m = stages["pretrain"]["metrics"]
     assert m["eval/loss_after"] <= 0.6 * m["eval/loss_before"], m
     assert m["train/tokens_per_s"] > 0 and 0 < m["sys/mfu"] < 1
@@ -70,10 +85,12 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     children = tracking.child_runs(uri, exp, parent)
     assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == [
         "data",
+        "deploy",
         "pretrain",
         "quantize",
         "rlhf",
         "sft",
+        "watermark",
     ]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
@@ -100,11 +117,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     before = _snapshot(ws / "ray_storage")
     rc, again = _run(ws, "--run-name", "second")
     assert rc == 0
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + [
-        "skipped",
-        "cached",
-        "skipped",
-    ]
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4 + ["skipped"] + ["cached"] * 3
     assert [s["mlflow_run_id"] for s in again["stages"]] == [
         s["mlflow_run_id"] for s in summary["stages"]
     ]
@@ -165,6 +178,126 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert rl_run.data.tags["lifecycle.parent_model"].startswith("external:")
 
 
+@pytest.mark.timeout(1800)
+def test_worse_candidate_is_not_promoted_then_serve_follows_the_champion(whole_chain):
+    """A forced worse candidate (the pretrained model) leaves the champion in place with a
+    report; `lifecycle serve --detach` follows the alias through a promotion and a rollback
+    while a client keeps sending requests."""
+    ws, summary = whole_chain
+    stages = {s["stage"]: s for s in summary["stages"]}
+    uri = summary["mlflow"]["tracking_uri"]
+    rc, worse = _run(
+        ws,
+        "--stages",
+        "deploy",
+        "--from",
+        f"quantize={stages['pretrain']['artifact_uri']}",
+        "--set",
+        "watermark=null",
+    )
+    assert rc == 0, worse
+    (dep,) = worse["stages"]
+    assert dep["status"] == "completed" and dep["metrics"]["promotion/promoted"] == 0.0
+    assert "exact match" in dep["error"] and "vs champion" in dep["error"]
+    c = tracking.client(uri)
+    assert str(c.get_model_version_by_alias("tiny-llm", "champion").version) == "1"
+    rejected = tracking.model_version(uri, "tiny-llm", "2")
+    assert rejected.tags["lifecycle.promotion"] == "rejected"
+    report = ws / "artifacts" / "deploy"
+    assert any("NOT promoted" in f.read_text() for f in report.rglob("promotion.md"))
+    assert dep["metrics"]["serving/version"] == 1.0  # the champion kept serving
+
+    serve = [LIFECYCLE, "serve", "--workspace", str(ws), "--poll-s", "2"]
+    serve += ["--set", f"cluster.dashboard_port={free_port()}"]
+    p = subprocess.run([*serve, "--detach"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    state = json.loads(p.stdout)
+    url = state["url"]
+    try:
+        assert state["version"] == "tiny-llm/1" and url.startswith("http://127.0.0.1:")
+        import httpx
+
+        results: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def steady() -> None:
+            while not stop.is_set():
+                r = httpx.post(
+                    f"{url}/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
+                    timeout=300,
+                )
+                results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
+                time.sleep(0.2)
+
+        def serving() -> str:
+            return httpx.get(f"{url}/healthz", timeout=30).json()["version"]
+
+        def wait_for(version: str) -> None:
+            deadline = time.time() + 300
+            while serving() != version:
+                assert time.time() < deadline, f"still serving {serving()}, want {version}"
+                time.sleep(2)
+
+        client = threading.Thread(target=steady)
+        client.start()
+        try:
+            from tasks.deploy import set_champion
+
+            set_champion(uri, "tiny-llm", "2")  # a promotion: the server rolls over
+            wait_for("tiny-llm/2")
+            r = subprocess.run(
+                [LIFECYCLE, "rollback", "--workspace", str(ws)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0 and "champion 2 -> 1" in r.stdout, r.stderr
+            wait_for("tiny-llm/1")
+            time.sleep(2)
+        finally:
+            stop.set()
+            client.join()
+        assert all(code == 200 for code, _ in results), results
+        seen = [v for _, v in results]
+        assert "tiny-llm/2" in seen and seen[-1] == "tiny-llm/1", seen
+        st = subprocess.run(
+            [LIFECYCLE, "serve", "status", "--workspace", str(ws)], capture_output=True, text=True
+        )
+        assert st.returncode == 0 and json.loads(st.stdout)["health"]["status"] == "ok"
+    finally:
+        subprocess.run([LIFECYCLE, "serve", "stop", "--workspace", str(ws)], timeout=300)
+    assert not (ws / "serve" / "state.json").exists()
+    gone = subprocess.run([LIFECYCLE, "serve", "status", "--workspace", str(ws)])
+    assert gone.returncode == 1
+
+
+def test_the_key_never_leaves_the_environment(whole_chain):
+    """The watermark key is in no MLflow param, tag or artifact, no file or path of the
+    workspace, no log line of the runs and not in the summary."""
+    ws, summary = whole_chain
+    secret = os.environ["LIFECYCLE_WATERMARK_KEY"]
+    assert secret not in json.dumps(summary)
+    uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
+    c = tracking.client(uri)
+    for run in c.search_runs([exp]):
+        assert secret not in json.dumps([run.data.params, run.data.tags]), run.info.run_name
+    for mv in c.search_model_versions():
+        assert secret not in json.dumps(mv.tags), mv.name
+    for rm in c.search_registered_models():
+        assert secret not in json.dumps(rm.tags), rm.name
+    needle = secret.encode()
+    for p in ws.rglob("*"):
+        assert secret not in str(p.relative_to(ws)), p
+        if p.is_file() and p.stat().st_size < 50_000_000:
+            assert needle not in p.read_bytes(), p  # mlflow.db, artifacts, checkpoints, ...
+    assert secret not in (ws.parent / "cli.log").read_text()
+    wm = tracking.get_run(
+        uri, {s["stage"]: s for s in summary["stages"]}["watermark"]["mlflow_run_id"]
+    )
+    assert wm.data.params["key_id"] and wm.data.tags["lifecycle.watermark.key_id"]
+
+
 def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     bad = tmp_path / "empty.jsonl"
     bad.write_text('{"text": "x"}\n')
@@ -179,7 +312,7 @@ def test_failed_stage_exits_nonzero_with_summary(tmp_path):
     assert summary["status"] == "failed"
     data, *later = summary["stages"]
     assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert [s["status"] for s in later] == ["skipped"] * 6
+    assert [s["status"] for s in later] == ["skipped"] * 7
 
 
 def _fingerprint_matches(model_dir: str) -> int:

@@ -61,6 +61,21 @@ def test_needed_stages_stop_at_sources():
     assert needed_stages(["data"], {}) == {"data"}
 
 
+def test_sft_and_rlhf_need_the_data_stage_only_for_their_pretraining_mix():
+    from flows.lifecycle import needed_stages
+    from lifecycle.config import load_config
+
+    def cfg(*overrides: str):
+        return load_config("configs/tiny_cpu.yaml", list(overrides))
+
+    mixed = cfg("sft.data.pretrain_mix=0.2")
+    plain = cfg("sft.data.pretrain_mix=0", "rlhf.ptx_weight=0")
+    assert needed_stages(["sft"], {"pretrain": "/m"}, mixed) == {"data", "pretrain", "sft"}
+    assert needed_stages(["sft"], {"pretrain": "/m"}, plain) == {"pretrain", "sft"}
+    ptx = cfg("sft.data.pretrain_mix=0", "rlhf.ptx_weight=0.5")
+    assert needed_stages(["rlhf"], {"sft": "/m"}, ptx) == {"data", "rlhf", "sft"}
+
+
 def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_path):
     import os
 

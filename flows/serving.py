@@ -1,0 +1,190 @@
+"""`lifecycle serve`: the champion (or any model) on Ray Serve, following the registry.
+
+    lifecycle serve [--model models:/tiny-llm@champion | models:/NAME/VERSION | DIR]
+                    [--port N] [--detach] [--workspace DIR] [--config CONFIG]
+    lifecycle serve status            lifecycle serve stop            lifecycle rollback
+
+The server process starts (or joins, with `cluster.address`) Ray, deploys ray_cluster/serve.py's
+app for the model and writes `<workspace>/serve/state.json` (pid, url, model version). Given an
+alias (`@champion`), it polls the registry: when the alias moves — a promotion by the deploy
+stage, or `lifecycle rollback` — it rolls the app over to the new version without dropping
+requests (Serve starts the new replica before it stops the old one). SIGTERM or Ctrl-C stops
+the app and Ray (when it started it) and removes the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lifecycle import tracking
+from lifecycle.config import PipelineConfig, ServeConfig
+
+STATE_FILE = "serve/state.json"
+LOG_FILE = "serve/serve.log"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _resolve(model: str, uri: str, workspace: Path) -> tuple[Path, str, dict[str, str]]:
+    """(local dir, version label, model-version tags) of a model reference."""
+    if not model.startswith("models:/"):
+        d = Path(model).resolve()
+        if not (d / "config.json").is_file():
+            raise ValueError(f"{model}: not a model directory (no config.json)")
+        return d, f"dir:{d.name}", {}
+    ref = model.removeprefix("models:/")
+    c = tracking.client(uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = c.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = ref.partition("/")
+        mv = c.get_model_version(name, version)
+    dest = workspace / "serving" / f"{mv.name}-v{mv.version}"
+    d = tracking.fetch_model(uri, f"models:/{mv.name}/{mv.version}", dest)
+    return d, f"{mv.name}/{mv.version}", dict(mv.tags)
+
+
+def _spec(model: str, uri: str, ws: Path, scfg: ServeConfig, model_id: str) -> Any:
+    from ray_cluster.serve import make_spec
+    from tasks.deploy import key_file_for, watermark_settings
+
+    d, label, tags = _resolve(model, uri, ws)
+    wm = watermark_settings(tags) if scfg.watermark else None
+    kf = key_file_for(ws, tags.get("lifecycle.watermark.key_id")) if wm else None
+    return make_spec(d, scfg, model_id, label, wm, kf)
+
+
+def serve_forever(
+    cfg: PipelineConfig, workspace: str, model: str | None, port: int | None, poll_s: float
+) -> None:
+    """Deploys, writes the state file, follows an alias until SIGTERM/Ctrl-C."""
+    import ray
+
+    from ray_cluster.connect import connect, disconnect
+    from ray_cluster.serve import deploy_app, shutdown
+
+    ws = Path(workspace).resolve()
+    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    scfg = (cfg.deploy.serve if cfg.deploy else ServeConfig()).model_copy()
+    if port is not None:
+        scfg.port = port
+    name = cfg.tracking.registered_model
+    model = model or f"models:/{name}@champion"
+    model_id = scfg.model_id or name
+    spec = _spec(model, uri, ws, scfg, model_id)  # bad input fails before Ray starts
+    state_path = ws / STATE_FILE
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    started = connect(cfg.cluster)
+    try:
+        url = deploy_app(spec, scfg)
+        state = {
+            "pid": os.getpid(),
+            "url": url,
+            "model": model,
+            "version": spec.version,
+            "started": time.time(),
+        }
+        _write_state(state_path, state)
+        print(f"serving {spec.version} at {url}  (chat page: {url}/)", flush=True)
+        while True:
+            time.sleep(poll_s)
+            if "@" not in model:
+                continue
+            try:
+                new = _spec(model, uri, ws, scfg, model_id)
+            except Exception as e:  # the registry is briefly unreachable: keep serving
+                print(f"registry check failed ({e}); still serving {spec.version}", flush=True)
+                continue
+            if new.version != spec.version:
+                print(f"{model} moved: {spec.version} -> {new.version}; rolling over", flush=True)
+                deploy_app(new, scfg)
+                spec = new
+                _write_state(state_path, {**state, "version": spec.version})
+                print(f"serving {spec.version} at {url}", flush=True)
+    except (_Stop, KeyboardInterrupt):
+        print("stopping", flush=True)
+    finally:
+        state_path.unlink(missing_ok=True)
+        if ray.is_initialized():
+            try:
+                shutdown()
+            finally:
+                disconnect(started)
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def read_state(workspace: str) -> dict[str, Any] | None:
+    p = Path(workspace).resolve() / STATE_FILE
+    if not p.is_file():
+        return None
+    state = json.loads(p.read_text())
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        p.unlink(missing_ok=True)  # a server that died without cleaning up
+        return None
+    return state
+
+
+def detach(argv: list[str], workspace: str, timeout_s: float) -> dict[str, Any]:
+    """Starts `lifecycle serve ...` (without --detach) in the background and waits until it
+    serves; returns its state. Its output goes to <workspace>/serve/serve.log."""
+    ws = Path(workspace).resolve()
+    (ws / "serve").mkdir(parents=True, exist_ok=True)
+    (ws / STATE_FILE).unlink(missing_ok=True)
+    log = open(ws / LOG_FILE, "w")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=os.getcwd(),
+    )
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = (ws / LOG_FILE).read_text()[-3000:]
+            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{tail}")
+        state = read_state(workspace)
+        if state is not None and state["pid"] == proc.pid:
+            return state
+        time.sleep(1)
+    proc.terminate()
+    raise TimeoutError(f"the server did not come up in {timeout_s:.0f} s (log: {ws / LOG_FILE})")
+
+
+def stop(workspace: str, timeout_s: float = 120) -> dict[str, Any] | None:
+    """SIGTERM to the workspace's server; waits until it is gone. None if none runs."""
+    state = read_state(workspace)
+    if state is None:
+        return None
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except ProcessLookupError:
+            return state
+        time.sleep(0.5)
+    os.kill(state["pid"], signal.SIGKILL)
+    return state

@@ -1,0 +1,459 @@
+"""Deploy stage (last): gate the shipped model against the current `champion`, promote it,
+serve the champion on Ray Serve with vLLM, and check the endpoint.
+
+Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages deploy        (inputs cached)
+
+1. Evaluation, the same for candidate and champion (one Ray task each, PyTorch): task
+   exact-match and answer perplexity on held-out demo prompts (lifecycle/compress/evaluate.py)
+   and the mean judge reward of sampled answers (lifecycle/rlhf/evaluate.py).
+2. Promotion gate: the candidate becomes a version of `<tracking.registered_model>` (the
+   serving registry; the source is the shipped stage's model version, not a copy). With no
+   champion yet, or no metric worse than `deploy.gate` allows, the `champion` alias moves to
+   it (the previous champion is kept in the registered model's `lifecycle.champion_history`
+   tag, which `lifecycle rollback` walks back); otherwise the champion stays and
+   `promotion.md` says why. A rejected candidate stays registered, tagged `rejected`.
+3. Serving: the champion on Ray Serve (ray_cluster/serve.py), with the watermark settings the
+   watermark stage attached. Endpoint checks through the official `openai` client: exact-match
+   of its answers on the held-out prompts (within `max_endpoint_exact_match_gap` of the
+   evaluation module's), watermarked long completions that `/v1/watermark/detect` flags, and
+   plain demo text that it does not. With `keep_serving` the app stays up (on a persistent
+   cluster: `cluster.address`); otherwise it stops with the stage.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lifecycle import tracking
+from lifecycle.artifacts import RunContext, StageResult
+from lifecycle.config import DeployConfig, WatermarkConfig
+from lifecycle.data.instruct import demo_prompts
+from lifecycle.watermark.keys import KEY_ENV, KEY_FILE_ENV, key_id, load_key
+from ray_cluster.compute import run_remote
+from tasks.lineage import parent_model
+from tasks.rlhf import demo_user
+from tasks.sft import chat_tokenizer
+
+CHAMPION = "champion"
+HISTORY_TAG = "lifecycle.champion_history"
+GATED = ("exact_match", "perplexity", "reward")
+
+
+class DeployCheckFailed(RuntimeError):
+    """The served endpoint did not behave like the model it serves."""
+
+
+def evaluate_for_promotion(
+    model_dir: str, prompts: list[str], answers: list[str], samples: int, max_new_tokens: int
+) -> dict[str, float]:
+    """(Ray task) exact-match, answer perplexity and mean judge reward of one model dir."""
+    from lifecycle.compress.evaluate import evaluate_torch
+    from lifecycle.rlhf.evaluate import evaluate_policy
+
+    tok = chat_tokenizer(Path(model_dir))
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    answer_rows = [
+        (p + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(p))
+        for p, a in zip(prompt_ids, answers, strict=True)
+    ]
+    ev = evaluate_torch(
+        model_dir, prompt_ids, answers, {"answers": answer_rows}, max_new_tokens=max_new_tokens
+    )
+    pol = evaluate_policy(
+        model_dir, model_dir, prompts, answers, {"kind": "program"}, samples, max_new_tokens
+    )
+    return {
+        "exact_match": float(ev["exact_match"]),
+        "perplexity": float(ev["perplexity"]),
+        "reward": float(pol["mean_reward"]),
+    }
+
+
+def gate(
+    candidate: dict[str, float], champion: dict[str, float] | None, cfg: DeployConfig
+) -> list[str]:
+    """What makes the candidate worse than the champion by more than the margins (empty: it
+    may be promoted)."""
+    if champion is None:
+        return []
+    g, why = cfg.gate, []
+    drop = champion["exact_match"] - candidate["exact_match"]
+    if drop > g.max_exact_match_drop:
+        why.append(
+            f"exact match {candidate['exact_match']:.3f} vs champion {champion['exact_match']:.3f}"
+            f" (drop {drop:.3f} > {g.max_exact_match_drop:g})"
+        )
+    ratio = candidate["perplexity"] / max(champion["perplexity"], 1e-9)
+    if ratio > g.max_perplexity_ratio:
+        why.append(
+            f"answer perplexity {candidate['perplexity']:.3f} vs champion "
+            f"{champion['perplexity']:.3f} (ratio {ratio:.3f} > {g.max_perplexity_ratio:g})"
+        )
+    rdrop = champion["reward"] - candidate["reward"]
+    if rdrop > g.max_reward_drop:
+        why.append(
+            f"mean reward {candidate['reward']:.3f} vs champion {champion['reward']:.3f} "
+            f"(drop {rdrop:.3f} > {g.max_reward_drop:g})"
+        )
+    return why
+
+
+def champion_version(tracking_uri: str, name: str) -> Any | None:
+    """The model version the `champion` alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(tracking_uri)
+    try:
+        return c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def champion_history(tracking_uri: str, name: str) -> list[str]:
+    """Versions that were champion, oldest first (the last one is the champion)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = tracking.client(tracking_uri).get_registered_model(name)
+    except MlflowException as e:
+        raise ValueError(f"no registered model {name!r} at {tracking_uri}: deploy first") from e
+    return json.loads(rm.tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(tracking_uri: str, name: str, version: str, push: bool = True) -> None:
+    """Moves the alias; `push` records the version in the history (rollback pops it)."""
+    c = tracking.client(tracking_uri)
+    hist = champion_history(tracking_uri, name)
+    if push:
+        hist.append(str(version))
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist))
+
+
+def rollback(tracking_uri: str, name: str) -> tuple[str, str]:
+    """Moves `champion` back to the previous one; returns (from_version, to_version)."""
+    hist = champion_history(tracking_uri, name)
+    if len(hist) < 2:
+        raise ValueError(
+            f"{name}: no earlier champion to roll back to (champion history {hist or 'empty'})"
+        )
+    current, previous = hist[-1], hist[-2]
+    c = tracking.client(tracking_uri)
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist[:-1]))
+    c.set_model_version_tag(name, current, "lifecycle.promotion", "rolled_back")
+    return current, previous
+
+
+def watermark_settings(mv_tags: dict[str, str]) -> dict[str, float] | None:
+    """The `lifecycle.watermark.*` tags of a model version as the server's settings."""
+    if "lifecycle.watermark.gamma" not in mv_tags:
+        return None
+    return {
+        "gamma": float(mv_tags["lifecycle.watermark.gamma"]),
+        "delta": float(mv_tags["lifecycle.watermark.delta"]),
+        "z_threshold": float(mv_tags.get("lifecycle.watermark.z_threshold", 4.0)),
+    }
+
+
+def key_file_for(workspace: str | Path, want_key_id: str | None) -> str | None:
+    """The watermark key file the server's engine reads (None: $LIFECYCLE_WATERMARK_KEY in
+    the environment); checks that the key is the one the model version was verified with."""
+    path = os.environ.get(KEY_FILE_ENV) or (
+        None if os.environ.get(KEY_ENV) else str(Path(workspace) / "watermark.key")
+    )
+    key = load_key(path)
+    if want_key_id and key_id(key) != want_key_id:
+        raise ValueError(
+            f"the watermark key here (id {key_id(key)}) is not the one this model version was "
+            f"checked with (id {want_key_id}): set {KEY_FILE_ENV} to that key's file"
+        )
+    return str(Path(path).resolve()) if path else None
+
+
+def _chat(url: str, prompts: list[str], max_tokens: int, api_key: str) -> list[str]:
+    """Greedy answers from the endpoint's chat API (the official client, 8 in flight)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=5)
+
+    def one(p: str) -> str:
+        r = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": p}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+        )
+        return (r.choices[0].message.content or "").strip()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, prompts))
+
+
+def check_endpoint(
+    url: str,
+    user_prompts: list[str],
+    answers: list[str],
+    plain_texts: list[str],
+    open_prompts: list[str],
+    max_tokens: int,
+    watermarked: bool,
+) -> dict[str, float]:
+    """Exact-match of the endpoint's answers; detection of its watermarked completions and
+    of plain text through /v1/watermark/detect."""
+    import httpx
+    import openai
+
+    key = os.environ.get("LIFECYCLE_API_KEY", "")
+    outs = _chat(url, user_prompts, max_tokens, key)
+    em = sum(o == a.strip() for o, a in zip(outs, answers, strict=True)) / len(answers)
+    metrics = {"endpoint/exact_match": em, "endpoint/requests": float(len(outs))}
+    if not watermarked:
+        return metrics
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=5)
+    model = client.models.list().data[0].id
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def long_text(p: str) -> str:
+        r = client.completions.create(
+            model=model,
+            prompt=p,
+            max_tokens=200,
+            temperature=1.0,
+            extra_body={"min_tokens": 200},
+        )
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(long_text, open_prompts))
+
+    def flagged(t: str) -> bool:
+        r = httpx.post(f"{url}/v1/watermark/detect", json={"text": t}, headers=headers, timeout=60)
+        r.raise_for_status()
+        return bool(r.json()["watermarked"])
+
+    metrics["endpoint/watermark_detection_rate"] = sum(map(flagged, texts)) / len(texts)
+    metrics["endpoint/plain_flagged_rate"] = sum(map(flagged, plain_texts)) / len(plain_texts)
+    return metrics
+
+
+@task(name="deploy", cache_policy=NO_CACHE)
+def deploy(
+    cfg: DeployConfig,
+    shipped: StageResult,
+    wm_cfg: WatermarkConfig | None,
+    data: StageResult,
+    ctx: RunContext,
+    key: str,
+) -> StageResult:
+    """Gates, promotes and serves `shipped`; checks the endpoint."""
+    from ray_cluster.serve import deploy_app, make_spec, shutdown
+
+    uri, name = ctx.tracking_uri, ctx.registered_model
+    final = ctx.stage_dir("deploy", key)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    source_ref = parent_model(ctx, shipped)
+    with tracking.stage_run(ctx, "deploy", params=cfg.model_dump(mode="json")) as run_id:
+        try:
+            tmp.mkdir(parents=True)
+            tok = chat_tokenizer(Path(shipped.artifact_uri))
+            e = cfg.eval
+            prompts, answers = demo_prompts(e.prompts, e.seed, True, tok, e.demo_tasks)
+            ev_args = (prompts, answers, cfg.reward_samples, e.max_new_tokens)
+            cand = run_remote(evaluate_for_promotion, cfg.scaling, shipped.artifact_uri, *ev_args)
+            champ_mv = champion_version(uri, name)
+            champ = None
+            if champ_mv is not None:
+                champ_dir = tracking.fetch_model(
+                    uri,
+                    f"models:/{name}/{champ_mv.version}",
+                    Path(ctx.workspace) / "serving" / f"{name}-v{champ_mv.version}",
+                )
+                champ = run_remote(evaluate_for_promotion, cfg.scaling, str(champ_dir), *ev_args)
+            why = gate(cand, champ, cfg)
+
+            # Register the candidate in the serving registry (source: the shipped version).
+            settings = None
+            wm_tags: dict[str, str] = {}
+            if wm_cfg is not None:
+                settings = {
+                    "gamma": wm_cfg.gamma,
+                    "delta": wm_cfg.delta,
+                    "z_threshold": wm_cfg.z_threshold,
+                }
+                wm_tags = {f"lifecycle.watermark.{k}": str(v) for k, v in settings.items()}
+                wm_tags["lifecycle.watermark.key_id"] = key_id(
+                    load_key(key_file_for(ctx.workspace, None))
+                )
+            tags = {
+                "lifecycle.stage": "deploy",
+                "lifecycle.parent_model": source_ref,
+                "lifecycle.run_name": ctx.run_name,
+                "lifecycle.promotion": "promoted" if not why else "rejected",
+                **{f"lifecycle.eval.{k}": f"{v:.6f}" for k, v in cand.items()},
+                **wm_tags,
+            }
+            version = _register(ctx, run_id, name, shipped, source_ref, tags)
+            if not why:
+                set_champion(uri, name, version)
+            serving_mv = champion_version(uri, name)
+            report = _report(name, version, cand, champ, champ_mv, why, cfg)
+            (tmp / "promotion.md").write_text(report)
+            (tmp / "promotion.json").write_text(
+                json.dumps(
+                    {"candidate": cand, "champion": champ, "reasons": why, "version": version}
+                )
+            )
+
+            # Serve the champion and check the endpoint.
+            serve_dir = tracking.fetch_model(
+                uri,
+                f"models:/{name}/{serving_mv.version}",
+                Path(ctx.workspace) / "serving" / f"{name}-v{serving_mv.version}",
+            )
+            wm = watermark_settings(serving_mv.tags) if cfg.serve.watermark else None
+            kf = key_file_for(ctx.workspace, serving_mv.tags.get("lifecycle.watermark.key_id"))
+            spec = make_spec(
+                serve_dir,
+                cfg.serve,
+                cfg.serve.model_id or name,
+                f"{name}/{serving_mv.version}",
+                wm,
+                kf if wm else None,
+            )
+            t0 = time.perf_counter()
+            url = deploy_app(spec, cfg.serve)
+            startup = time.perf_counter() - t0
+            try:
+                from lifecycle.data.pipeline import load_blocks
+
+                val = load_blocks(data.artifact_uri, "val")
+                plain = [tok.decode(row) for row in val[:20].tolist()]
+                opens = [tok.decode(row[:16]) for row in val[20:40].tolist()]
+                user = [demo_user(p) for p in prompts]
+                ep = check_endpoint(
+                    url, user, answers, plain, opens, e.max_new_tokens, wm is not None
+                )
+            finally:
+                if not cfg.keep_serving:
+                    shutdown()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        metrics = {
+            **{f"candidate/{k}": v for k, v in cand.items()},
+            **({f"champion/{k}": v for k, v in champ.items()} if champ else {}),
+            "promotion/promoted": float(not why),
+            "promotion/version": float(version),
+            "serving/version": float(serving_mv.version),
+            "serving/startup_s": startup,
+            **ep,
+        }
+        gap = abs(ep["endpoint/exact_match"] - (champ if why and champ else cand)["exact_match"])
+        metrics["endpoint/exact_match_gap"] = gap
+        failures = []
+        if gap > cfg.max_endpoint_exact_match_gap:
+            failures.append(
+                f"the endpoint's exact match {ep['endpoint/exact_match']:.3f} is {gap:.3f} away "
+                f"from the evaluation module's (limit {cfg.max_endpoint_exact_match_gap:g})"
+            )
+        if wm is not None and wm_cfg is not None:
+            if ep["endpoint/watermark_detection_rate"] < wm_cfg.min_detection_rate:
+                failures.append(
+                    f"the detector flagged {ep['endpoint/watermark_detection_rate']:.2f} of the "
+                    f"endpoint's watermarked completions (< {wm_cfg.min_detection_rate:g})"
+                )
+            if ep["endpoint/plain_flagged_rate"] > 0:
+                failures.append(
+                    f"the detector flagged {ep['endpoint/plain_flagged_rate']:.2f} of plain text"
+                )
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        tracking.log_metrics(uri, run_id, metrics, step=0)
+        tracking.log_artifact(uri, run_id, final / "promotion.md", "promotion")
+        tracking.log_artifact(uri, run_id, final / "promotion.json", "promotion")
+        tracking.set_tags(
+            uri,
+            run_id,
+            {
+                "lifecycle.stage": "deploy",
+                "lifecycle.model": f"{name}/{version}",
+                "lifecycle.serving_model": f"{name}/{serving_mv.version}",
+                "lifecycle.endpoint": url,
+            },
+        )
+        if failures:
+            raise DeployCheckFailed("; ".join(failures))
+    return StageResult(
+        stage="deploy",
+        status="completed",
+        artifact_uri=str(serve_dir),
+        mlflow_run_id=run_id,
+        metrics={**metrics, "promotion/promoted": float(not why)},
+        artifact_id=f"{name}/{serving_mv.version}:{key[:16]}",
+        error="; ".join(why) if why else None,
+    )
+
+
+def _register(
+    ctx: RunContext,
+    run_id: str,
+    name: str,
+    shipped: StageResult,
+    source_ref: str,
+    tags: dict[str, str],
+) -> str:
+    """A new version of the serving registry: the shipped version's source, else a copy."""
+    c = tracking.client(ctx.tracking_uri)
+    if source_ref.startswith("external:"):
+        return tracking.register_model(ctx.tracking_uri, run_id, name, shipped.artifact_uri, tags)
+    src_name, src_version = source_ref.rsplit("/", 1)
+    source = c.get_model_version(src_name, src_version).source
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):
+        c.create_registered_model(name)
+    mv = c.create_model_version(name, source, run_id=run_id, tags=tags)
+    return str(mv.version)
+
+
+def _report(
+    name: str,
+    version: str,
+    cand: dict[str, float],
+    champ: dict[str, float] | None,
+    champ_mv: Any,
+    why: list[str],
+    cfg: DeployConfig,
+) -> str:
+    head = (
+        f"# {name} version {version}: "
+        + (
+            "promoted to champion"
+            if not why
+            else f"NOT promoted; champion stays version {champ_mv.version}"
+        )
+        + "\n\n"
+    )
+    rows = ["| metric | candidate | champion | allowed |", "|---|---|---|---|"]
+    g = cfg.gate
+    allowed = {
+        "exact_match": f"drop <= {g.max_exact_match_drop:g}",
+        "perplexity": f"ratio <= {g.max_perplexity_ratio:g}",
+        "reward": f"drop <= {g.max_reward_drop:g}",
+    }
+    for k in GATED:
+        other = f"{champ[k]:.4f}" if champ else "(none)"
+        rows.append(f"| {k} | {cand[k]:.4f} | {other} | {allowed[k]} |")
+    return head + "\n".join(rows) + "\n" + "".join(f"\n- {w}" for w in why) + "\n"
