@@ -245,6 +245,8 @@ def wm_detect(
         print(json.dumps(res))
     else:
         verdict = "WATERMARKED" if res["watermarked"] else "not watermarked"
+        if "note" in res:
+            verdict = f"not watermarked ({res['note']})"
         print(
             f"{verdict}: z={res['z']:.2f} p={res['p_value']:.3g} green={res['green']}/"
             f"{res['tokens']} ({res['green_fraction']:.2f}, expected {gamma:g}) "

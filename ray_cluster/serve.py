@@ -48,12 +48,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lifecycle.config import ServeConfig
+from lifecycle.watermark.detect import with_verdict
 
 APP_NAME = "lifecycle"
 API_KEY_ENV = "LIFECYCLE_API_KEY"
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
-MIN_DETECT_TOKENS = 16
-"""Fewer scored tokens than this and the detector answers 'too short to decide'."""
 
 
 @dataclass
@@ -419,16 +418,7 @@ class LLMServer:
             )
         ids = self.tokenizer(body.text, add_special_tokens=False)["input_ids"]
         threshold = body.z_threshold or wm.get("z_threshold", 4.0)
-        res = self._scheme.detect(ids, threshold)
-        res["gamma"] = wm["gamma"]
-        res["min_tokens"] = MIN_DETECT_TOKENS
-        if res["tokens"] < MIN_DETECT_TOKENS:
-            res["watermarked"] = False
-            res["note"] = (
-                f"{res['tokens']} scored tokens: too short to decide "
-                f"(at least {MIN_DETECT_TOKENS} needed)"
-            )
-        return res
+        return with_verdict({**self._scheme.detect(ids, threshold), "gamma": wm["gamma"]})
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,3 +28,15 @@ if ! out=$(.venv/bin/pip check 2>&1); then
     exit 1
   fi
 fi
+# The chat-page test drives a headless browser: Debian's chromium (Playwright's own browser
+# downloads are not used). Installed when missing and this is root on a Debian-like system;
+# otherwise that test says it needs chromium and is skipped. LIFECYCLE_NO_APT=1 skips this.
+if [ -z "${LIFECYCLE_NO_APT:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+    >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+        >/dev/null 2>&1; } \
+    || echo "setup.sh: could not install chromium (the chat-page test will be skipped)" >&2
+fi

@@ -5,6 +5,7 @@ the bounded queue, and a model upgrade under load."""
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -116,6 +117,35 @@ def test_responses_carry_the_watermark_and_plain_text_is_not_flagged(served):
     assert empty["tokens"] == 0 and empty["watermarked"] is False and "too short" in empty["note"]
     short = httpx.post(f"{url}/v1/watermark/detect", json={"text": "copy ab"}, timeout=30).json()
     assert short["watermarked"] is False and "too short" in short["note"]
+
+
+def test_chat_page_in_headless_chromium_gets_the_models_answer(served):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (scripts/setup.sh installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    url = served["url"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+            page.fill("#prompt", "upper lamp")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-done='true']", timeout=120_000)
+            shown = page.eval_on_selector(".assistant", "e => e.textContent")
+        finally:
+            browser.close()
+    # The page streams the same greedy answer the API gives for the same request.
+    api = _client(url).chat.completions.create(
+        model="tiny-llm",
+        messages=[{"role": "user", "content": "upper lamp"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert shown == f"model: {api.choices[0].message.content}", shown
 
 
 def test_api_key_overload_and_upgrade_under_load(served, monkeypatch):

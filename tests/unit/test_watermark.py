@@ -154,6 +154,20 @@ def test_detect_cli_plain_and_json(tmp_path, no_key_env):
     )
     assert p.returncode == 0 and p.stdout.startswith("not watermarked: z=")
     assert KEY.decode() not in p.stdout + p.stderr
+    for short in ("", "copy ab"):  # empty and too-short text: an answer, not a crash
+        p = subprocess.run(
+            [*base, str(key_file), "--json"], input=short, capture_output=True, text=True, env=env
+        )
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
+        assert res["watermarked"] is False and res["note"].startswith("too short to decide")
+    wrong = tmp_path / "other.key"
+    wrong.write_text("another-key-of-enough-length-0002")
+    p = subprocess.run(
+        [*base, str(wrong)], input=text.read_text(), capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 0 and p.stdout.startswith("not watermarked: z=")
+    assert key_id(b"another-key-of-enough-length-0002") in p.stdout
     p = subprocess.run(
         [*base, str(tmp_path / "missing.key")], input="x", capture_output=True, text=True, env=env
     )
