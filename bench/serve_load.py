@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pydantic import BaseModel
+
 from bench._machine import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,11 +70,18 @@ def build(out: Path, hidden: int, layers: int) -> str:
 # ---- the baseline: transformers generate, one request at a time ---------------------------
 
 
+class HFBody(BaseModel):
+    prompt: list[int]
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 0.0
+    model: str | None = None
+
+
 def hf_server(model_dir: str, port: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     from lifecycle.models import load_model
 
@@ -81,15 +90,8 @@ def hf_server(model_dir: str, port: int) -> None:
     lock = threading.Lock()
     app = FastAPI()
 
-    class Body(BaseModel):
-        prompt: list[int]
-        max_tokens: int = 16
-        min_tokens: int = 0
-        temperature: float = 0.0
-        model: str | None = None
-
     @app.post("/v1/completions")
-    def complete(b: Body) -> dict:
+    def complete(b: HFBody) -> dict:
         with lock, torch.no_grad():
             ids = torch.tensor([b.prompt])
             out = model.generate(
