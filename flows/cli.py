@@ -1,7 +1,7 @@
 """The `lifecycle` command line.
 
     lifecycle run [CONFIG] [--stages data,pretrain] [--set KEY=VALUE]... [--workspace DIR]
-                  [--run-name NAME] [--force] [--json] [--from STAGE=PATH]...
+                  [--run-name NAME] [--force] [--json] [--from STAGE=PATH]... [--resume RUN]
     lifecycle validate CONFIG [--set KEY=VALUE]...
     lifecycle watermark keygen --out FILE
     lifecycle watermark detect --model DIR [--key-file F] [--file TEXT | -] [--json]
@@ -137,8 +137,21 @@ def run(
     from_: Annotated[
         list[str] | None, typer.Option("--from", help="STAGE=PATH: use an existing artifact.")
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="RUN_NAME: run that run's config again under its name; finished stages come "
+            "back cached, interrupted training resumes from its last checkpoint."
+        ),
+    ] = None,
 ) -> None:
     """Runs the chain (or --stages of it) and prints a summary table."""
+    if resume is not None:
+        saved = Path(workspace).resolve() / "runs" / resume / "config.yaml"
+        if not saved.is_file():
+            err.print(f"[red]error[/red]: no run {resume!r} in {workspace} (no {saved})")
+            raise typer.Exit(2)
+        config, run_name = str(saved), run_name or resume
     try:
         cfg = load_config(_resolve_config(config), set_ or [])
         requested = _parse_stages(stages)

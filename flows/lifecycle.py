@@ -15,6 +15,7 @@ Adding a stage: a task module in tasks/, a section in lifecycle/config.py, a lin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from lifecycle import tracking
@@ -244,7 +246,40 @@ class _Chain:
         if res.mlflow_run_id:
             tags[f"lifecycle.stage.{stage}.run_id"] = res.mlflow_run_id
         tracking.set_tags(self.ctx.tracking_uri, self.ctx.parent_run_id, tags)
+        if stage in self.requested:
+            create_markdown_artifact(
+                stage_markdown(res, self.ctx),
+                key=f"{stage}-{slug(self.ctx.run_name)}",
+                description=f"{stage}: {res.status}",
+            )
         return res
+
+
+def slug(text: str) -> str:
+    """Lowercase letters, digits and dashes (what Prefect accepts as an artifact key)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "run"
+
+
+def mlflow_run_url(ctx: RunContext, run_id: str) -> str:
+    """The run's page in the MLflow UI (for a file/SQLite store: the default local UI)."""
+    uri = ctx.tracking_uri
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{ctx.experiment_id}/runs/{run_id}"
+
+
+def stage_markdown(res: StageResult, ctx: RunContext) -> str:
+    """The Prefect artifact of a stage: status, its MLflow run, artifact and metrics."""
+    lines = [f"# {res.stage}: {res.status}", ""]
+    if res.error:
+        lines += [f"**{res.error}**", ""]
+    if res.mlflow_run_id:
+        lines.append(f"MLflow run: [{res.mlflow_run_id}]({mlflow_run_url(ctx, res.mlflow_run_id)})")
+    if res.artifact_uri:
+        lines.append(f"Artifact: `{res.artifact_uri}`")
+    if res.metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in sorted(res.metrics.items())]
+    return "\n".join(lines) + "\n"
 
 
 MODEL_STAGES = ("pretrain", "sft", "rlhf", "distill", "quantize")
@@ -293,7 +328,11 @@ def lifecycle_flow(
             "lifecycle.prefect_flow_run_id": str(flow_run.id),
         },
     )
-    tracking.log_text_file(uri, parent, yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"))
+    tracking.log_text_file(uri, parent, config_yaml, "config.yaml")
+    run_dir = ws / "runs" / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml)  # what `lifecycle run --resume` reruns
     ctx = RunContext(
         run_name=run_name,
         workspace=str(ws),

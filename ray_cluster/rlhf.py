@@ -210,6 +210,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
 
     metrics = {f"{kind}/{k}": v for k, v in stats.items()}
     metrics[f"{kind}/steps"] = steps
+    metrics[f"{kind}/resumed_from_step"] = start
     metrics[f"{kind}/seconds"] = time.perf_counter() - t0
     metrics["sys/world_size"] = world
     with tempfile.TemporaryDirectory() as d:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -75,6 +76,12 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert rl["eval/kl_after"] > 0 and rl["rlaif/pairs"] > 0
     assert stages["data"]["metrics"]["exact_dupes_removed"] > 0
     assert stages["data"]["metrics"]["near_dupes_removed"] > 0
+    # Each stage published a Prefect artifact: its status, metrics and MLflow run.
+    from prefect.artifacts import Artifact
+
+    art = Artifact.get("deploy-first")
+    assert art is not None and "# deploy: completed" in art.data
+    assert stages["deploy"]["mlflow_run_id"] in art.data and "endpoint/exact_match" in art.data
     on_disk = json.loads((ws / "runs" / "first" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["prefect_flow_run_id"]
@@ -270,6 +277,51 @@ def test_worse_candidate_is_not_promoted_then_serve_follows_the_champion(whole_c
     assert not (ws / "serve" / "state.json").exists()
     gone = subprocess.run([LIFECYCLE, "serve", "status", "--workspace", str(ws)])
     assert gone.returncode == 1
+
+
+@pytest.mark.timeout(1800)
+def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain):
+    """The driver is killed (SIGKILL to its process group) once DPO has committed a
+    checkpoint; `--resume` brings data, pretrain and SFT back cached and DPO goes on from the
+    checkpoint, not from step 0."""
+    ws, _ = whole_chain
+    stages = ["--stages", "data,pretrain,sft,rlhf"]
+    longer = ["--set", "rlhf.max_steps=300", "--set", "rlhf.checkpoint_every=50"]
+    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json"]
+    cmd += ["--run-name", "killed", *stages, *longer]
+    cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
+
+    def committed() -> set[Path]:  # the policy's checkpoints (not the reward model's)
+        return set((ws / "ray_storage").glob("rlhf-[0-9a-f]*/step_*/COMMITTED"))
+
+    before = committed()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 1200
+        while not committed() - before:
+            assert proc.poll() is None, "the run ended before DPO checkpointed"
+            assert time.time() < deadline
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert (ws / "runs" / "killed" / "config.yaml").is_file()
+    assert not (ws / "runs" / "killed" / "summary.json").exists()
+
+    rc, resumed = _run(ws, "--resume", "killed", *stages)
+    assert rc == 0, resumed
+    assert resumed["run_name"] == "killed"
+    got = {s["stage"]: s for s in resumed["stages"]}
+    assert [got[s]["status"] for s in ("data", "pretrain", "sft")] == ["cached"] * 3
+    rl = got["rlhf"]
+    assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 300
+    assert rl["metrics"]["dpo/resumed_from_step"] >= 50, rl["metrics"]
 
 
 def test_the_key_never_leaves_the_environment(whole_chain):
