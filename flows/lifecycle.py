@@ -39,6 +39,7 @@ from lifecycle.artifacts import (
 )
 from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
 from lifecycle.watermark.keys import key_id, resolve_key
+from ray_cluster import metrics as ray_metrics
 from ray_cluster.connect import connect, disconnect
 from tasks.data import prepare_data
 from tasks.distill import distill
@@ -157,6 +158,7 @@ class _Chain:
         self.log = get_run_logger()
         self.failed = False
         self.started_ray: bool | None = None  # connected lazily: an all-cached run needs no Ray
+        self.stage_metrics: list[tuple[str, str, float | None]] = []
         self.needed = needed_stages(requested, sources, cfg)
 
     def close(self) -> None:
@@ -225,23 +227,36 @@ class _Chain:
         try:
             if self.started_ray is None:
                 self.started_ray = connect(self.cfg.cluster)
+                self._flush_metrics()
             res = call(key, ups)
         except Exception as e:
             self.log.error("%s: failed: %s", stage, e)
             self.failed = True
             return self._finish(
-                stage, StageResult(stage, "failed", error=f"{type(e).__name__}: {e}")
+                stage,
+                StageResult(stage, "failed", error=f"{type(e).__name__}: {e}"),
+                time.time() - t0,
             )
         cache_store(self.ctx.workspace, stage, key, res)
         self.log.info("%s: completed in %.1fs", stage, time.time() - t0)
-        return self._finish(stage, res)
+        return self._finish(stage, res, time.time() - t0)
+
+    def _flush_metrics(self) -> None:
+        """Stage status/duration as Ray metrics, once Ray is up (cached stages come first)."""
+        if self.started_ray is None:
+            return
+        for args in self.stage_metrics:
+            ray_metrics.stage_finished(*args)
+        self.stage_metrics.clear()
 
     def _disabled(self, stage: str) -> bool:
         res = self.results.get(stage)
         return self.cfg.section(stage) is None or (res is not None and res.status == "skipped")
 
-    def _finish(self, stage: str, res: StageResult) -> StageResult:
+    def _finish(self, stage: str, res: StageResult, seconds: float | None = None) -> StageResult:
         self.results[stage] = res
+        self.stage_metrics.append((stage, res.status, seconds))
+        self._flush_metrics()
         tags = {f"lifecycle.stage.{stage}.status": res.status}
         if res.mlflow_run_id:
             tags[f"lifecycle.stage.{stage}.run_id"] = res.mlflow_run_id

@@ -51,6 +51,9 @@ class ClusterConfig(_Strict):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=0, le=65535)
     include_dashboard: bool = True
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535, description="a local Ray's Prometheus endpoint (null: Ray picks)"
+    )
 
 
 class ScalingConfig(_Strict):

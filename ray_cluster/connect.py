@@ -26,6 +26,7 @@ def connect(cfg: ClusterConfig) -> bool:
             dashboard_host=cfg.dashboard_host,
             dashboard_port=cfg.dashboard_port,
             log_to_driver=True,
+            _metrics_export_port=cfg.metrics_export_port,
         )
         return True
     # Over Ray Client the cluster has none of our code: ship the packages with the job.

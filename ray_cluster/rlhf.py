@@ -24,6 +24,7 @@ from lifecycle.data.instruct import load_rows
 from lifecycle.models import load_model, load_tokenizer, save_model
 from lifecycle.rlhf.reward import make_reward_fn
 from lifecycle.tracking import RankZeroTracker
+from ray_cluster import metrics as ray_metrics
 from ray_cluster.train import (
     FINAL_DIR,
     STATE_FILE,
@@ -205,6 +206,8 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:
             tracker.metrics({f"{kind}/{k}": v for k, v in stats.items()}, step=done)
+            if rank == 0 and "train/loss" in stats:
+                ray_metrics.training_step(f"rlhf-{kind}", done, stats["train/loss"], 0.0)
         if done % cfg.checkpoint_every == 0 and done < steps:
             _save_checkpoint(c, raw, head, optimizer, sched, done, rank, tracker)
 

@@ -49,6 +49,7 @@ from ray import serve
 
 from lifecycle.config import ServeConfig
 from lifecycle.watermark.detect import with_verdict
+from ray_cluster import metrics as ray_metrics
 
 APP_NAME = "lifecycle"
 API_KEY_ENV = "LIFECYCLE_API_KEY"
@@ -151,6 +152,27 @@ async def _bad_request(_: Request, e: RequestValidationError) -> JSONResponse:
         f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()
     )
     return _error(422, f"invalid request: {where}", "invalid_request_error")
+
+
+_ONGOING = [0]
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next: Any) -> Any:
+    """Requests, errors, latency (to the first byte) and requests in flight, as Ray metrics."""
+    t0 = time.perf_counter()
+    _ONGOING[0] += 1
+    ray_metrics.ongoing(_ONGOING[0])
+    code = 500
+    try:
+        response = await call_next(request)
+        code = response.status_code
+        return response
+    finally:
+        _ONGOING[0] -= 1
+        ray_metrics.ongoing(_ONGOING[0])
+        route = request.scope.get("route")
+        ray_metrics.request_done(getattr(route, "path", "other"), code, time.perf_counter() - t0)
 
 
 @app.exception_handler(Exception)
@@ -301,6 +323,7 @@ class LLMServer:
             async for out in gen:
                 final = out
             o = final.outputs[0]
+            ray_metrics.generated_tokens(len(o.token_ids))
             usage = {
                 "prompt_tokens": n_user,
                 "completion_tokens": len(o.token_ids),
@@ -331,12 +354,14 @@ class LLMServer:
 
             if kind == "chat":
                 yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None})
-            out = first
+            out, made = first, 0
             while True:
                 o = out.outputs[0]
+                made += len(o.token_ids)  # DELTA outputs: this step's tokens
                 if o.text or o.finish_reason:
                     yield event(choice(o.text, o.finish_reason, True))
                 if out.finished:
+                    ray_metrics.generated_tokens(made)
                     break
                 out = await gen.__anext__()
             yield "data: [DONE]\n\n"

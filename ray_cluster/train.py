@@ -38,6 +38,7 @@ from lifecycle.data.instruct import IGNORE, load_rows
 from lifecycle.data.pipeline import load_blocks
 from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
 from lifecycle.tracking import RankZeroTracker
+from ray_cluster import metrics as ray_metrics
 
 STATE_FILE = "train_state.json"
 COMMIT_FILE = "COMMITTED"
@@ -351,6 +352,8 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             if world > 1:
                 torch.distributed.all_reduce(loss_acc)
             tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
+            if rank == 0:  # Ray's Prometheus endpoint (ray_cluster/metrics.py)
+                ray_metrics.training_step(kind, done, float(loss_acc[0] / loss_acc[1]), tps)
             tracker.metrics(
                 {
                     "train/loss": float(loss_acc[0] / loss_acc[1]),

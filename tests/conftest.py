@@ -35,13 +35,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = free_port()
+"""The session Ray's Prometheus endpoint: http://127.0.0.1:METRICS_PORT/metrics."""
+
+
+def scrape(port: int, wanted: list[str], timeout: float = 120) -> str:
+    """Ray's Prometheus text once every `wanted` substring is in it (metrics are exported
+    every few seconds), or AssertionError naming what is missing."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            text = ""
+        missing = [w for w in wanted if w not in text]
+        if not missing:
+            return text
+        assert time.time() < deadline, f"not on the metrics endpoint: {missing}"
+        time.sleep(3)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every in-process test (dashboard on a free 127.0.0.1 port)."""
     import ray
 
     ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port()
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        _metrics_export_port=METRICS_PORT,
     )
     yield ray
     ray.shutdown()

@@ -1,11 +1,13 @@
 """The README's main command, end to end: the whole chain on tiny_cpu.yaml, then a cached re-run."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,9 @@ def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain):
     longer = ["--set", "rlhf.max_steps=300", "--set", "rlhf.checkpoint_every=50"]
     cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json"]
     cmd += ["--run-name", "killed", *stages, *longer]
+    metrics_port = free_port()
     cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
+    cmd += ["--set", f"cluster.metrics_export_port={metrics_port}"]
 
     def committed() -> set[Path]:  # the policy's checkpoints (not the reward model's)
         return set((ws / "ray_storage").glob("rlhf-[0-9a-f]*/step_*/COMMITTED"))
@@ -302,15 +306,26 @@ def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    seen = ""  # Ray's Prometheus endpoint of the run, scraped while it trains
     try:
         deadline = time.time() + 1200
         while not committed() - before:
             assert proc.poll() is None, "the run ended before DPO checkpointed"
             assert time.time() < deadline
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    ours = [ln for ln in r.read().decode().splitlines() if "lifecycle_" in ln]
+                    seen += "\n".join(ours) + "\n"
             time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
+    status = [ln for ln in seen.splitlines() if ln.startswith("ray_lifecycle_stage_status{")]
+    assert any(
+        'stage="sft"' in ln and 'status="cached"' in ln and ln.endswith(" 1.0") for ln in status
+    )
+    assert "ray_lifecycle_train_loss{" in seen and 'stage="rlhf-reward"' in seen
     assert (ws / "runs" / "killed" / "config.yaml").is_file()
     assert not (ws / "runs" / "killed" / "summary.json").exists()
 

@@ -86,6 +86,24 @@ def test_openai_client_completions_streaming_chat_and_errors(served):
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
 
+def test_serving_metrics_reach_rays_prometheus_endpoint(served):
+    from tests.conftest import METRICS_PORT, scrape
+
+    text = scrape(
+        METRICS_PORT,
+        [
+            "ray_lifecycle_serve_requests_total{",
+            'route="/v1/completions"',
+            "ray_lifecycle_serve_errors_total{",
+            "ray_lifecycle_serve_generated_tokens_total{",
+            "ray_lifecycle_serve_request_seconds_bucket{",
+            "ray_lifecycle_serve_ongoing_requests{",
+        ],
+    )
+    errors = [ln for ln in text.splitlines() if ln.startswith("ray_lifecycle_serve_errors_total")]
+    assert any('code="400"' in ln for ln in errors), errors  # the bad requests above
+
+
 def test_responses_carry_the_watermark_and_plain_text_is_not_flagged(served):
     from lifecycle.data.pipeline import load_blocks
     from lifecycle.models import load_tokenizer

@@ -104,3 +104,15 @@ def test_build_app_maps_replicas_resources_and_limits():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 2)
     opts = d.ray_actor_options
     assert opts["num_cpus"] == 2 and opts["num_gpus"] == 1 and opts["resources"] == {"a100": 1}
+
+
+def test_grafana_dashboard_is_valid_and_shows_every_project_metric():
+    import json
+
+    from ray_cluster.metrics import NAMES
+
+    dash = json.loads((ROOT / "ray_cluster" / "monitoring" / "grafana_dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    assert dash["uid"] and len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    missing = [n for n in NAMES if f"ray_{n}" not in exprs]
+    assert not missing, missing
