@@ -10,6 +10,8 @@
     lifecycle serve [--model models:/NAME@champion | DIR] [--port N] [--detach]
     lifecycle serve status | lifecycle serve stop
     lifecycle rollback
+    lifecycle cluster up --workers N [--cpus-per-node C] [--gpus-per-node G] [--auth]
+    lifecycle cluster status | lifecycle cluster down
 
 Exit codes: 0 every requested stage completed or was cached; 1 a stage failed;
 2 bad configuration or usage (nothing was started).
@@ -417,6 +419,61 @@ def rollback(
         err.print(f"[red]error[/red]: {e}", highlight=False)
         raise typer.Exit(1) from None
     print(f"{name}: champion {old} -> {new}")
+
+
+cluster_app = typer.Typer(no_args_is_help=True, help="A multi-node Ray cluster on this machine.")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    workers: Annotated[int, typer.Option(min=0, help="Worker nodes besides the head.")] = 2,
+    cpus_per_node: Annotated[int, typer.Option(min=0)] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=0)] = 0,
+    auth: Annotated[bool, typer.Option(help="Ray token authentication (RAY_AUTH_MODE=token).")] = (
+        False
+    ),
+    workspace: WorkspaceOpt = ".lifecycle",
+) -> None:
+    """Starts a head and N worker nodes (separate raylets); prints how to use them."""
+    from ray_cluster import local_cluster
+
+    try:
+        state = local_cluster.up(workspace, workers, cpus_per_node, gpus_per_node, auth)
+    except RuntimeError as e:
+        err.print(f"[red]error[/red]: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    env = local_cluster.auth_env(state)
+    err.print(
+        f"{len(state['nodes'])} nodes up; dashboard {state['dashboard']}\n"
+        + "".join(f"export {k}={v}\n" for k, v in env.items())
+        + f"lifecycle run configs/tiny_cpu.yaml --set cluster.address={state['address']}"
+    )
+    print(json.dumps(state))
+
+
+@cluster_app.command("status")
+def cluster_status(workspace: WorkspaceOpt = ".lifecycle") -> None:
+    """The cluster's address, nodes and Ray's view of them."""
+    from ray_cluster import local_cluster
+
+    st = local_cluster.status(workspace)
+    if st is None:
+        err.print("no cluster is up for this workspace")
+        raise typer.Exit(1)
+    print(st.pop("ray_status"))
+    print(json.dumps(st, indent=2))
+
+
+@cluster_app.command("down")
+def cluster_down(workspace: WorkspaceOpt = ".lifecycle") -> None:
+    """Ends the cluster's processes (by PID) and removes its state."""
+    from ray_cluster import local_cluster
+
+    if local_cluster.down(workspace) is None:
+        err.print("no cluster is up for this workspace")
+        raise typer.Exit(1)
+    err.print("cluster down")
 
 
 def main() -> None:
