@@ -2,6 +2,7 @@
 
     lifecycle run [CONFIG] [--stages data,pretrain] [--set KEY=VALUE]... [--workspace DIR]
                   [--run-name NAME] [--force] [--json] [--from STAGE=PATH]... [--resume RUN]
+                  [--serve]
     lifecycle validate CONFIG [--set KEY=VALUE]...
     lifecycle watermark keygen --out FILE
     lifecycle watermark detect --model DIR [--key-file F] [--file TEXT | -] [--json]
@@ -139,6 +140,12 @@ def run(
     from_: Annotated[
         list[str] | None, typer.Option("--from", help="STAGE=PATH: use an existing artifact.")
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve", help="After a completed run, serve the champion until Ctrl-C (port 8000)."
+        ),
+    ] = False,
     resume: Annotated[
         str | None,
         typer.Option(
@@ -189,7 +196,13 @@ def run(
     )
     if json_out:
         print(json.dumps(summary, indent=2))
-    raise typer.Exit(0 if summary["status"] == "completed" else 1)
+    if summary["status"] != "completed":
+        raise typer.Exit(1)
+    if serve:  # the chain's own Ray has stopped: `lifecycle serve` in this process
+        from flows import serving
+
+        port = cfg.deploy.serve.port if cfg.deploy and cfg.deploy.serve.port else 8000
+        serving.serve_forever(cfg, workspace, None, port, poll_s=5.0)
 
 
 wm_app = typer.Typer(no_args_is_help=True, help="The text watermark: key and detector.")

@@ -564,3 +564,21 @@ def shutdown() -> None:
         serve.delete(APP_NAME)
     finally:
         serve.shutdown()
+
+
+def app_from_env(args: dict[str, str] | None = None) -> Any:
+    """An application builder for `serve run ray_cluster.serve:app_from_env` and KubeRay's
+    RayService (ray_cluster/kuberay/rayservice.yaml): the model dir and id from `args`
+    (`model_dir`, `model_id`) or $LIFECYCLE_SERVE_MODEL_DIR / $LIFECYCLE_SERVE_MODEL_ID, the
+    watermark settings from $LIFECYCLE_SERVE_WATERMARK (JSON, e.g. {"gamma": 0.25,
+    "delta": 2}); the limits are ServeConfig's defaults (the RayService overrides them)."""
+    args = args or {}
+    model_dir = args.get("model_dir") or os.environ.get("LIFECYCLE_SERVE_MODEL_DIR")
+    if not model_dir:
+        raise ValueError("app_from_env needs model_dir (arg) or $LIFECYCLE_SERVE_MODEL_DIR")
+    model_id = args.get("model_id") or os.environ.get("LIFECYCLE_SERVE_MODEL_ID", "model")
+    wm = os.environ.get("LIFECYCLE_SERVE_WATERMARK")
+    cfg = ServeConfig()
+    spec = make_spec(model_dir, cfg, model_id, f"dir:{Path(model_dir).name}")
+    spec.watermark = json.loads(wm) if wm else None
+    return build_app(spec, cfg)

@@ -399,3 +399,41 @@ def _fingerprint_matches(model_dir: str) -> int:
     )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)["matched"]
+
+
+@pytest.mark.timeout(1200)
+def test_run_with_serve_keeps_the_champion_serving_until_stopped(whole_chain):
+    ws, _ = whole_chain
+    port = free_port()
+    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--serve"]
+    cmd += ["--run-name", "served", "--set", f"deploy.serve.port={port}"]
+    cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        state_file = ws / "serve" / "state.json"
+        deadline = time.time() + 900
+        while not state_file.is_file():
+            assert proc.poll() is None, "the run ended instead of serving"
+            assert time.time() < deadline
+            time.sleep(2)
+        state = json.loads(state_file.read_text())
+        assert state["url"] == f"http://127.0.0.1:{port}" and state["pid"] == proc.pid
+        summary = json.loads((ws / "runs" / "served" / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        import httpx
+
+        r = httpx.post(
+            f"{state['url']}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        stop = subprocess.run([LIFECYCLE, "serve", "stop", "--workspace", str(ws)], timeout=300)
+        assert stop.returncode == 0
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -116,3 +116,29 @@ def test_grafana_dashboard_is_valid_and_shows_every_project_metric():
     assert dash["uid"] and len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     missing = [n for n in NAMES if f"ray_{n}" not in exprs]
     assert not missing, missing
+
+
+def test_production_cluster_files_parse_and_name_their_parts():
+    import yaml
+
+    from ray_cluster.serve import app_from_env
+
+    root = ROOT / "ray_cluster"
+    launcher = yaml.safe_load((root / "cluster.yaml").read_text())
+    assert launcher["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 8
+    kinds = {
+        yaml.safe_load(p.read_text())["kind"]: p.name for p in (root / "kuberay").glob("*.yaml")
+    }
+    assert set(kinds) == {"RayCluster", "RayJob", "RayService"}
+    rc = yaml.safe_load((root / "kuberay" / "raycluster.yaml").read_text())
+    env = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
+    gpu = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 8
+    svc = yaml.safe_load((root / "kuberay" / "rayservice.yaml").read_text())
+    (served,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert served["import_path"] == "ray_cluster.serve:app_from_env"
+    app = app_from_env({"model_dir": "/models/m", "model_id": "m"})
+    assert app._bound_deployment.name == "LLMServer"
+    with pytest.raises(ValueError, match="model_dir"):
+        app_from_env({})
