@@ -198,11 +198,13 @@ def run(
         print(json.dumps(summary, indent=2))
     if summary["status"] != "completed":
         raise typer.Exit(1)
-    if serve:  # the chain's own Ray has stopped: `lifecycle serve` in this process
-        from flows import serving
-
+    if serve:  # becomes `lifecycle serve` (same pid): a fresh process for a fresh Ray
         port = cfg.deploy.serve.port if cfg.deploy and cfg.deploy.serve.port else 8000
-        serving.serve_forever(cfg, workspace, None, port, poll_s=5.0)
+        saved = Path(workspace).resolve() / "runs" / summary["run_name"] / "config.yaml"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = ["serve", "--workspace", workspace, "--config", str(saved), "--port", str(port)]
+        os.execv(sys.executable, [sys.executable, "-m", "flows.cli", *argv])
 
 
 wm_app = typer.Typer(no_args_is_help=True, help="The text watermark: key and detector.")

@@ -75,9 +75,9 @@ def serve_forever(
 
     ws = Path(workspace).resolve()
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
-    scfg = (cfg.deploy.serve if cfg.deploy else ServeConfig()).model_copy()
+    scfg = cfg.deploy.serve if cfg.deploy else ServeConfig()
     if port is not None:
-        scfg.port = port
+        scfg = scfg.model_copy(update={"port": port})  # configs are frozen
     name = cfg.tracking.registered_model
     model = model or f"models:/{name}@champion"
     model_id = scfg.model_id or name
@@ -88,8 +88,9 @@ def serve_forever(
     def stop(*_: Any) -> None:
         raise _Stop
 
-    signal.signal(signal.SIGTERM, stop)
     started = connect(cfg.cluster)
+    # After ray.init: Ray installs its own SIGTERM handler (which aborts the process).
+    signal.signal(signal.SIGTERM, stop)
     try:
         url = deploy_app(spec, scfg)
         state = {
