@@ -539,25 +539,6 @@ def deploy_app(spec: ServeSpec, cfg: ServeConfig) -> str:
     return f"http://{host}:{http.port}"
 
 
-def app_status() -> dict[str, Any] | None:
-    """The app's status and its deployments' replica states, or None when not deployed."""
-    status = serve.status()
-    a = status.applications.get(APP_NAME)
-    if a is None:
-        return None
-    return {
-        "status": str(a.status),
-        "message": a.message,
-        "deployments": {
-            name: {
-                "status": str(d.status),
-                "replicas": {str(k): v for k, v in d.replica_states.items()},
-            }
-            for name, d in a.deployments.items()
-        },
-    }
-
-
 def shutdown() -> None:
     """Deletes the app and stops Serve (the proxy and the controller)."""
     try:

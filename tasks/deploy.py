@@ -186,10 +186,11 @@ def _chat(url: str, prompts: list[str], max_tokens: int, api_key: str) -> list[s
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=5)
+    model = client.models.list().data[0].id  # once, not one extra request per prompt
 
     def one(p: str) -> str:
         r = client.chat.completions.create(
-            model=client.models.list().data[0].id,
+            model=model,
             messages=[{"role": "user", "content": p}],
             max_tokens=max_tokens,
             temperature=0.0,
