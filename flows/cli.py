@@ -11,6 +11,7 @@
     lifecycle serve [--model models:/NAME@champion | DIR] [--port N] [--detach]
     lifecycle serve status | lifecycle serve stop
     lifecycle rollback
+    lifecycle schedule [CONFIG] [--work-pool POOL] [--paused]   (needs PREFECT_API_URL)
     lifecycle cluster up --workers N [--cpus-per-node C] [--gpus-per-node G] [--auth]
     lifecycle cluster status | lifecycle cluster down
 
@@ -31,7 +32,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lifecycle.config import STAGES, ConfigError, load_config
+from lifecycle.config import STAGES, ConfigError, find_config, load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -40,7 +41,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
 SetOpt = Annotated[
@@ -48,11 +48,7 @@ SetOpt = Annotated[
 ]
 
 
-def _resolve_config(path: str) -> Path:
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (_PACKAGE_ROOT / p).exists():
-        return _PACKAGE_ROOT / p
-    return p
+_resolve_config = find_config
 
 
 def _fail_config(e: Exception) -> None:
@@ -171,7 +167,7 @@ def run(
     # Prefect's telemetry heartbeat contends for the ephemeral server's SQLite ("database is
     # locked" errors in the log); a local tool has no use for it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.lifecycle import PipelineFailed, lifecycle_flow  # slow import: after validation
+    from flows.chain import PipelineFailed, lifecycle_flow  # slow import: after validation
 
     # With --json, stdout carries only the summary: everything the run prints goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
@@ -191,6 +187,13 @@ def run(
             err.print(f"[red]error[/red]: {e}", highlight=False)
             raise typer.Exit(2) from None
     err.print(_table(summary))
+    ep = summary.get("endpoint")
+    if ep:
+        state = "serving" if ep["serving"] else "checked by the deploy stage, stopped with the run"
+        err.print(
+            f"endpoint: {ep['url']}/v1 ({ep['model']}; {state})"
+            + ("" if ep["serving"] or serve else "; serve it: lifecycle serve --port 8000")
+        )
     err.print(
         f"summary: {Path(workspace).resolve() / 'runs' / summary['run_name'] / 'summary.json'}"
     )
@@ -434,6 +437,45 @@ def rollback(
         err.print(f"[red]error[/red]: {e}", highlight=False)
         raise typer.Exit(1) from None
     print(f"{name}: champion {old} -> {new}")
+
+
+@app.command()
+def schedule(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML.")] = DEFAULT_CONFIG,
+    workspace: WorkspaceOpt = ".lifecycle",
+    set_: SetOpt = None,
+    work_pool: Annotated[
+        str | None, typer.Option(help="Process work pool (default: operations.work_pool).")
+    ] = None,
+    paused: Annotated[bool, typer.Option(help="Register the schedule paused.")] = False,
+) -> None:
+    """Registers prefect.yaml's deployments (lifecycle/full, /retrain with the config's cron,
+    /redeploy) with the Prefect server at PREFECT_API_URL; a process worker runs them."""
+    try:
+        load_config(_resolve_config(config), set_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        err.print(
+            "[red]error[/red]: lifecycle schedule registers deployments with a Prefect server: "
+            "start one (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+        raise typer.Exit(2)
+    from flows.deployments import register
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: only the JSON below
+            out = register(config, set_ or [], workspace, work_pool, paused)
+    except Exception as e:  # the server is unreachable, the pool has another type, ...
+        err.print(f"[red]error[/red]: registering with Prefect failed: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    for d in out:
+        err.print(f"{d['name']}: {d['id']} (pool {d['work_pool']}, schedule {d['schedule']})")
+    err.print(f"run them with: prefect worker start --pool {out[0]['work_pool']}")
+    print(json.dumps(out))
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="A multi-node Ray cluster on this machine.")

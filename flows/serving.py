@@ -189,3 +189,52 @@ def stop(workspace: str, timeout_s: float = 120) -> dict[str, Any] | None:
         time.sleep(0.5)
     os.kill(state["pid"], signal.SIGKILL)
     return state
+
+
+def follow_champion(
+    cfg: PipelineConfig,
+    config_path: str | Path,
+    overrides: list[str],
+    workspace: str,
+    start: bool,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Makes the workspace's server serve the current champion, with no downtime: a running
+    server (following `@champion`) rolls over by itself and this waits until it has; with none
+    running, `start` starts one (detached). Returns {serving, url, version, pid}."""
+    import httpx
+
+    from tasks.deploy import champion_version
+
+    ws = Path(workspace).resolve()
+    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    name = cfg.tracking.registered_model
+    champ = champion_version(uri, name)
+    if champ is None:
+        raise ValueError(f"{name} has no champion at {uri}: run the chain (lifecycle/full) first")
+    want = f"{name}/{champ.version}"
+    timeout = timeout_s or (cfg.deploy.serve.startup_timeout_s if cfg.deploy else 600.0)
+    state = read_state(workspace)
+    if state is None:
+        if not start:
+            return {"serving": False, "url": None, "version": want, "pid": None}
+        argv = ["--workspace", str(ws), "--config", str(Path(config_path).resolve())]
+        for o in overrides:
+            argv += ["--set", o]
+        state = detach(argv, workspace, timeout)
+    elif "@" not in state["model"]:
+        raise ValueError(
+            f"the server at {state['url']} serves the pinned {state['model']}, not the champion: "
+            "`lifecycle serve stop`, then serve the champion"
+        )
+    deadline = time.time() + timeout
+    while True:
+        try:
+            served = httpx.get(f"{state['url']}/healthz", timeout=30).json().get("version")
+        except httpx.HTTPError:
+            served = None
+        if served == want:
+            return {"serving": True, "url": state["url"], "version": want, "pid": state["pid"]}
+        if time.time() > deadline:
+            raise TimeoutError(f"the server at {state['url']} serves {served}, not {want}")
+        time.sleep(1)

@@ -102,6 +102,45 @@ class FlowConfig(_Strict):
     retry_delay_s: float = Field(10.0, ge=0)
 
 
+class RetrainConfig(_Strict):
+    """`lifecycle/retrain`: when the champion is retrained, and on what new data."""
+
+    cron: str | None = Field("0 3 * * 1", description="schedule; null: manual runs only")
+    timezone: str = "UTC"
+    data_source: str | None = Field(
+        None, description="new data appended to data.inputs (a run's parameter overrides it)"
+    )
+    data_format: Literal["jsonl", "parquet", "text", "hf_disk"] = "text"
+    serve: bool = Field(True, description="start a server for the champion when none runs")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> RetrainConfig:
+        import datetime
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown timezone {self.timezone!r} (an IANA name: UTC, Europe/Berlin)"
+            ) from None
+        if self.cron is not None:
+            from cronsim import CronSim, CronSimError
+
+            try:
+                CronSim(self.cron, datetime.datetime.now())
+            except CronSimError as e:
+                raise ValueError(f"cron {self.cron!r}: {e}") from None
+        return self
+
+
+class OperationsConfig(_Strict):
+    """The Prefect deployments (prefect.yaml, `lifecycle schedule`)."""
+
+    work_pool: str = Field("lifecycle", min_length=1, description="a process work pool")
+    retrain: RetrainConfig = RetrainConfig()
+
+
 # --------------------------------------------------------------------------------------------
 # Data prep
 # --------------------------------------------------------------------------------------------
@@ -699,6 +738,7 @@ class PipelineConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     flow: FlowConfig = FlowConfig()
+    operations: OperationsConfig = OperationsConfig()
     data: DataConfig | None = None
     pretrain: PretrainConfig | None = None
     sft: SFTConfig | None = None
@@ -795,6 +835,9 @@ class ServeConfig(_Strict):
     retry_after_s: float = Field(2.0, gt=0)
     resources_per_replica: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM)")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="spread replicas over nodes (1: at most one per node)"
+    )
     max_model_len: int | None = Field(None, ge=16, description="default: the model's context")
     max_tokens: int = Field(256, ge=1, description="the most a request may ask for")
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
@@ -808,6 +851,9 @@ class PromotionGateConfig(_Strict):
     max_exact_match_drop: float = Field(0.02, ge=0, le=1)
     max_perplexity_ratio: float = Field(1.05, ge=1, description="answer perplexity vs champion")
     max_reward_drop: float = Field(0.02, ge=0, description="mean judge reward vs champion")
+    min_exact_match: float | None = Field(
+        None, ge=0, le=1, description="absolute floor, champion or not (null: none)"
+    )
 
 
 class DeployConfig(_Strict):
@@ -922,6 +968,16 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     return raw
+
+
+def find_config(path: str | Path) -> Path:
+    """`path`, or the same relative path under the project root (so `configs/tiny_cpu.yaml`
+    works from any directory)."""
+    p = Path(path)
+    root = Path(__file__).resolve().parent.parent
+    if not p.exists() and not p.is_absolute() and (root / p).exists():
+        return root / p
+    return p
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:

@@ -269,17 +269,26 @@ class RankZeroTracker:
             )
 
 
-def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
-    """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once)."""
+def model_version_of(tracking_uri: str, model_uri: str) -> Any:
+    """The ModelVersion that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names."""
+    from mlflow.exceptions import MlflowException
+
     name, _, ref = model_uri.removeprefix("models:/").partition("/")
     c = client(tracking_uri)
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        mv = c.get_model_version_by_alias(name, alias)
-    elif ref:
-        mv = c.get_model_version(name, ref)
-    else:
-        raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        if ref:
+            return c.get_model_version(name, ref)
+    except MlflowException as e:
+        raise ValueError(f"{model_uri}: not in the registry at {tracking_uri} ({e})") from None
+    raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+
+
+def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
+    """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once)."""
+    mv = model_version_of(tracking_uri, model_uri)
     dest = Path(dest)
     if not (dest / "config.json").is_file() and not (dest / "adapter_config.json").is_file():
         import mlflow.artifacts

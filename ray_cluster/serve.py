@@ -503,6 +503,8 @@ def build_app(spec: ServeSpec, cfg: ServeConfig) -> Any:
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
     }
+    if cfg.max_replicas_per_node is not None:  # placement: replicas spread over GPU nodes
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.autoscaling is not None:
         a = cfg.autoscaling
         opts["autoscaling_config"] = {

@@ -47,6 +47,8 @@ from tasks.sft import chat_tokenizer
 CHAMPION = "champion"
 HISTORY_TAG = "lifecycle.champion_history"
 GATED = ("exact_match", "perplexity", "reward")
+DATA_TAG = "lifecycle.data_manifest_sha256"
+"""On every candidate version: the dataset it was trained on (`lifecycle/retrain` compares)."""
 
 
 class DeployCheckFailed(RuntimeError):
@@ -83,10 +85,14 @@ def gate(
     candidate: dict[str, float], champion: dict[str, float] | None, cfg: DeployConfig
 ) -> list[str]:
     """What makes the candidate worse than the champion by more than the margins (empty: it
-    may be promoted)."""
-    if champion is None:
-        return []
+    may be promoted), and what puts it below the gate's absolute floor."""
     g, why = cfg.gate, []
+    if g.min_exact_match is not None and candidate["exact_match"] < g.min_exact_match:
+        why.append(
+            f"exact match {candidate['exact_match']:.3f} below the floor {g.min_exact_match:g}"
+        )
+    if champion is None:
+        return why
     drop = champion["exact_match"] - candidate["exact_match"]
     if drop > g.max_exact_match_drop:
         why.append(
@@ -106,6 +112,11 @@ def gate(
             f"(drop {rdrop:.3f} > {g.max_reward_drop:g})"
         )
     return why
+
+
+def data_manifest_sha256(data_dir: str | Path | None) -> str:
+    """The content id of a data stage's output (its manifest's sha256)."""
+    return json.loads((Path(str(data_dir)) / "manifest.json").read_text())["sha256"]
 
 
 def champion_version(tracking_uri: str, name: str) -> Any | None:
@@ -303,12 +314,18 @@ def deploy(
                 "lifecycle.run_name": ctx.run_name,
                 "lifecycle.promotion": "promoted" if not why else "rejected",
                 **{f"lifecycle.eval.{k}": f"{v:.6f}" for k, v in cand.items()},
+                DATA_TAG: data_manifest_sha256(data.artifact_uri),
                 **wm_tags,
             }
             version = _register(ctx, run_id, name, shipped, source_ref, tags)
             if not why:
                 set_champion(uri, name, version)
             serving_mv = champion_version(uri, name)
+            if serving_mv is None:
+                raise DeployCheckFailed(
+                    f"{name} version {version} was not promoted ({'; '.join(why)}) and there "
+                    "is no champion to serve"
+                )
             report = _report(name, version, cand, champ, champ_mv, why, cfg)
             (tmp / "promotion.md").write_text(report)
             (tmp / "promotion.json").write_text(
@@ -443,14 +460,16 @@ def _report(
         + (
             "promoted to champion"
             if not why
-            else f"NOT promoted; champion stays version {champ_mv.version}"
+            else "NOT promoted; "
+            + (f"champion stays version {champ_mv.version}" if champ_mv else "no champion yet")
         )
         + "\n\n"
     )
     rows = ["| metric | candidate | champion | allowed |", "|---|---|---|---|"]
     g = cfg.gate
     allowed = {
-        "exact_match": f"drop <= {g.max_exact_match_drop:g}",
+        "exact_match": f"drop <= {g.max_exact_match_drop:g}"
+        + (f", >= {g.min_exact_match:g}" if g.min_exact_match is not None else ""),
         "perplexity": f"ratio <= {g.max_perplexity_ratio:g}",
         "reward": f"drop <= {g.max_reward_drop:g}",
     }

@@ -30,7 +30,9 @@ def registered_name(ctx: RunContext, stage: str) -> str:
 
 def parent_model(ctx: RunContext, upstream: StageResult) -> str:
     """`NAME/VERSION` of the model version the upstream stage registered, or
-    `external:<dir>` for a model that came from outside the run (`--from`)."""
+    `external:<dir>` for a model that came from outside the run and the registry (`--from`)."""
+    if upstream.artifact_id and upstream.artifact_id.startswith("registry:"):
+        return upstream.artifact_id.removeprefix("registry:")  # `--from STAGE=models:/...`
     version = ""
     if upstream.mlflow_run_id:
         tags = tracking.get_run(ctx.tracking_uri, upstream.mlflow_run_id).data.tags

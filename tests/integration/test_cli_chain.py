@@ -38,6 +38,11 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     ]
     assert stages.pop("distill")["status"] == "skipped"  # null in tiny_cpu.yaml
     assert all(s["status"] == "completed" for s in stages.values())
+    assert all(s["seconds"] > 0 for s in stages.values())
+    assert summary["seconds"] > sum(s["seconds"] for s in stages.values())
+    # The run ends with the endpoint the deploy stage served (a local Ray: stopped with it).
+    assert summary["endpoint"]["url"].startswith("http://127.0.0.1:")
+    assert summary["endpoint"]["model"] == "tiny-llm/1" and not summary["endpoint"]["serving"]
     # The shipped model is the quantized one: int8 W8A8 that vLLM served in the gate.
     q = stages["quantize"]["metrics"]
     assert summary["shipped_model"] == stages["quantize"]["artifact_uri"]

@@ -52,7 +52,7 @@ def test_dir_manifest(tmp_path):
 
 
 def test_needed_stages_stop_at_sources():
-    from flows.lifecycle import DEPENDS, needed_stages
+    from flows.chain import DEPENDS, needed_stages
     from lifecycle.config import STAGES
 
     assert set(DEPENDS) == set(STAGES)
@@ -62,7 +62,7 @@ def test_needed_stages_stop_at_sources():
 
 
 def test_sft_and_rlhf_need_the_data_stage_only_for_their_pretraining_mix():
-    from flows.lifecycle import needed_stages
+    from flows.chain import needed_stages
     from lifecycle.config import load_config
 
     def cfg(*overrides: str):
@@ -79,7 +79,7 @@ def test_sft_and_rlhf_need_the_data_stage_only_for_their_pretraining_mix():
 def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_path):
     import os
 
-    from flows.lifecycle import external_inputs
+    from flows.chain import external_inputs
     from lifecycle.artifacts import paths_fingerprint
     from lifecycle.config import validate_config
 

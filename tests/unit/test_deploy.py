@@ -96,10 +96,12 @@ def test_build_app_maps_replicas_resources_and_limits():
         autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
         resources_per_replica={"CPU": 2, "GPU": 1, "a100": 1},
         max_queued_requests=7,
+        max_replicas_per_node=1,
     )
     app = build_app(ServeSpec(model_dir="/m", model_id="m"), cfg)
     d = app._bound_deployment
     assert d._deployment_config.max_queued_requests == 7
+    assert d._replica_config.max_replicas_per_node == 1
     auto = d._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 2)
     opts = d.ray_actor_options

@@ -159,6 +159,8 @@ class _Chain:
         self.failed = False
         self.started_ray: bool | None = None  # connected lazily: an all-cached run needs no Ray
         self.stage_metrics: list[tuple[str, str, float | None]] = []
+        self.seconds: dict[str, float] = {}  # wall time of each stage that ran
+        self.ray_connect_s: float | None = None
         self.needed = needed_stages(requested, sources, cfg)
 
     def close(self) -> None:
@@ -185,10 +187,14 @@ class _Chain:
         section = self.cfg.section(stage)
         if stage in self.sources:
             src = self.sources[stage]
-            if src.startswith("models:/"):  # a registered MLflow model version
-                dest = Path(self.ctx.workspace) / "external" / src.removeprefix("models:/")
-                src = str(tracking.fetch_model(self.ctx.tracking_uri, src, dest))
-            res = StageResult(stage, "cached", artifact_uri=src, artifact_id=f"external:{src}")
+            artifact_id = f"external:{src}"
+            if src.startswith("models:/"):  # a registered version (an alias: its version now)
+                mv = tracking.model_version_of(self.ctx.tracking_uri, src)
+                ref = f"{mv.name}/{mv.version}"
+                dest = Path(self.ctx.workspace) / "external" / ref
+                src = str(tracking.fetch_model(self.ctx.tracking_uri, f"models:/{ref}", dest))
+                artifact_id = f"registry:{ref}"  # lineage: downstream versions name it parent
+            res = StageResult(stage, "cached", artifact_uri=src, artifact_id=artifact_id)
             self.results[stage] = res
             return res
         optional = OPTIONAL.get(stage, frozenset())
@@ -226,7 +232,9 @@ class _Chain:
         t0 = time.time()
         try:
             if self.started_ray is None:
+                t_ray = time.time()
                 self.started_ray = connect(self.cfg.cluster)
+                self.ray_connect_s = time.time() - t_ray
                 self._flush_metrics()
             res = call(key, ups)
         except Exception as e:
@@ -255,6 +263,8 @@ class _Chain:
 
     def _finish(self, stage: str, res: StageResult, seconds: float | None = None) -> StageResult:
         self.results[stage] = res
+        if seconds is not None:
+            self.seconds[stage] = seconds
         self.stage_metrics.append((stage, res.status, seconds))
         self._flush_metrics()
         tags = {f"lifecycle.stage.{stage}.status": res.status}
@@ -297,6 +307,22 @@ def stage_markdown(res: StageResult, ctx: RunContext) -> str:
     return "\n".join(lines) + "\n"
 
 
+def endpoint(chain: _Chain, cfg: PipelineConfig, uri: str) -> dict[str, Any] | None:
+    """Where the deploy stage served the champion: URL, model version, whether it still
+    serves (only with `deploy.keep_serving` on a persistent cluster: a local Ray ends with the
+    run; `lifecycle serve` or `lifecycle run --serve` serve on)."""
+    dep = chain.results.get("deploy")
+    if dep is None or dep.status not in ("completed", "cached") or not dep.mlflow_run_id:
+        return None
+    tags = tracking.get_run(uri, dep.mlflow_run_id).data.tags
+    keep = cfg.deploy is not None and cfg.deploy.keep_serving and cfg.cluster.address is not None
+    return {
+        "url": tags.get("lifecycle.endpoint"),
+        "model": tags.get("lifecycle.serving_model"),
+        "serving": keep and dep.status == "completed",
+    }
+
+
 MODEL_STAGES = ("pretrain", "sft", "rlhf", "distill", "quantize")
 """Stages whose artifact is the model to ship (the last one that completed wins)."""
 
@@ -318,6 +344,7 @@ def lifecycle_flow(
     sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Runs the chain described by `config` (a raw config dict, validated here)."""
+    t_start = time.time()
     cfg = validate_config(config)
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
@@ -433,10 +460,23 @@ def lifecycle_flow(
         "status": "completed" if ok else "failed",
         "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
         "prefect_flow_run_id": str(flow_run.id),
+        "endpoint": endpoint(chain, cfg, uri),
+        "seconds": round(time.time() - t_start, 3),
+        "ray_connect_s": chain.ray_connect_s,
         "stages": [
             {
-                k: r.to_dict()[k]
-                for k in ("stage", "status", "artifact_uri", "mlflow_run_id", "metrics", "error")
+                **{
+                    k: r.to_dict()[k]
+                    for k in (
+                        "stage",
+                        "status",
+                        "artifact_uri",
+                        "mlflow_run_id",
+                        "metrics",
+                        "error",
+                    )
+                },
+                "seconds": chain.seconds.get(r.stage),
             }
             for r in shown
         ],
