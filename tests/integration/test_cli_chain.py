@@ -168,7 +168,9 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert abs(sft["eval/exact_match_after"] - em_plain) <= 0.02, (sft, em_plain)
     assert _fingerprint_matches(plain_sft["artifact_uri"]) == 0
     sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
-    assert len(sub_mv) == 2
+    mine = [v for v in sub_mv if v.tags.get("lifecycle.run_name") == sub["run_name"]]
+    assert len(mine) == 1  # the registry version it started from is its parent
+    assert mine[0].tags["lifecycle.parent_model"] == "tiny-llm-pretrain/1"
 
     # Align an existing model directory: `--stages rlhf --from sft=<dir>` (briefly).
     rc, rl_sub = _run(

@@ -176,6 +176,13 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
     )
     url = None
     try:
+        # The full chain's deployment, here for its data stage only: cached from the chain.
+        out = _run_deployment(env, "lifecycle/full", {"stages": ["data"], "overrides": ports()})
+        assert "Completed" in out, out[-3000:]
+        newest = max((ws / "runs").glob("*/summary.json"), key=lambda f: f.stat().st_mtime)
+        ran = json.loads(newest.read_text())
+        assert [(s["stage"], s["status"]) for s in ran["stages"]] == [("data", "cached")]
+
         # 1. Unchanged data: the retrain ends early and says so; nothing is registered.
         before, champ0 = versions(), champion()
         out = _run_deployment(env, "lifecycle/retrain", {"overrides": ports()})
