@@ -418,7 +418,10 @@ def _fingerprint_matches(model_dir: str) -> int:
 def test_run_with_serve_keeps_the_champion_serving_until_stopped(whole_chain):
     ws, _ = whole_chain
     port = free_port()
+    # The chain up to SFT (cached from the session's chain: the deploy stage's cache key
+    # follows the champion, which earlier tests move), then the champion is served.
     cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--serve"]
+    cmd += ["--stages", "data,pretrain,sft"]
     cmd += ["--run-name", "served", "--set", f"deploy.serve.port={port}"]
     cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
     proc = subprocess.Popen(

@@ -34,6 +34,9 @@ FAST = [
     "quantize.onnx=false",
     "quantize.vllm.enabled=false",
     "watermark.generations=40",
+    "deploy.eval.prompts=64",  # the gap limit follows: 1/64 per differing answer
+    "deploy.reward_samples=1",
+    "deploy.max_endpoint_exact_match_gap=0.05",
     "deploy.gate.max_exact_match_drop=1",
     "deploy.gate.max_perplexity_ratio=1000",
     "deploy.gate.max_reward_drop=10",
@@ -169,7 +172,7 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", POOL],
         cwd=ROOT,
-        env=env,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},  # picks runs up sooner than 10 s
         stdout=worker_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
