@@ -206,8 +206,17 @@ def run(
         saved = Path(workspace).resolve() / "runs" / summary["run_name"] / "config.yaml"
         sys.stdout.flush()
         sys.stderr.flush()
+        _stop_ephemeral_prefect()
         argv = ["serve", "--workspace", workspace, "--config", str(saved), "--port", str(port)]
         os.execv(sys.executable, [sys.executable, "-m", "flows.cli", *argv])
+
+
+def _stop_ephemeral_prefect() -> None:
+    """Stops the ephemeral Prefect server this process started (no PREFECT_API_URL): it stops
+    at exit, and os.execv skips exit handlers, so it would outlive the run."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().stop()  # the no-port singleton; a no-op when none was started
 
 
 wm_app = typer.Typer(no_args_is_help=True, help="The text watermark: key and detector.")

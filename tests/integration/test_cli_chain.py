@@ -424,6 +424,7 @@ def test_run_with_serve_keeps_the_champion_serving_until_stopped(whole_chain):
     cmd += ["--stages", "data,pretrain,sft"]
     cmd += ["--run-name", "served", "--set", f"deploy.serve.port={port}"]
     cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
+    before = _ephemeral_prefect_servers()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -449,7 +450,20 @@ def test_run_with_serve_keeps_the_champion_serving_until_stopped(whole_chain):
         stop = subprocess.run([LIFECYCLE, "serve", "stop", "--workspace", str(ws)], timeout=300)
         assert stop.returncode == 0
         assert proc.wait(timeout=120) == 0
+        # The run's ephemeral Prefect server ended with it (os.execv skips exit handlers).
+        assert _ephemeral_prefect_servers() - before == set()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _ephemeral_prefect_servers() -> set[int]:
+    """PIDs of running ephemeral Prefect servers (Prefect's SubprocessASGIServer)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"prefect.server.api.server:create_app" in (d / "cmdline").read_bytes():
+                    pids.add(int(d.name))
+    return pids
