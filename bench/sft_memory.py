@@ -36,7 +36,7 @@ def child(method: str, hidden: int, layers: int, steps: int, threads: int, batch
     from lifecycle.data.tokenizer import train_bpe
     from lifecycle.models import build_model
     from lifecycle.peft_methods import apply_method, trainable_parameters
-    from ray_cluster.train import make_optimizer
+    from lifecycle.training import make_optimizer
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as d:

@@ -28,7 +28,7 @@ from lifecycle import tracking
 from lifecycle.config import load_config
 from lifecycle.data.pipeline import load_blocks, prepare_plain
 from lifecycle.models import build_model, load_tokenizer
-from ray_cluster.train import BatchSampler, lr_lambda, make_optimizer
+from lifecycle.training import BatchSampler, lr_lambda, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

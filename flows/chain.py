@@ -9,16 +9,17 @@ is null is `skipped`. Stages not requested (`stages=[...]`) but needed upstream 
 cache or from `sources` (`--from data=DIR`). MLflow gets one parent run per flow run; each
 stage task opens its own child run under it.
 
-Adding a stage: a task module in tasks/, a section in lifecycle/config.py, a line below.
+The stage graph (order, upstreams, which task, what it is passed) is lifecycle/stages.py's
+table; this module only walks it. Adding a stage: see that module's docstring.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +38,27 @@ from lifecycle.artifacts import (
     code_version,
     paths_fingerprint,
 )
-from lifecycle.config import STAGES, PipelineConfig, config_hash, validate_config
+from lifecycle.config import PipelineConfig, config_hash, validate_config
+from lifecycle.registry import fetch_version
+from lifecycle.stages import (
+    BY_NAME,
+    STAGE_TABLE,
+    STAGES,
+    Stage,
+    model_stages,
+    needed_stages,
+    uses_upstream,
+)
 from lifecycle.watermark.keys import key_id, resolve_key
 from ray_cluster import metrics as ray_metrics
 from ray_cluster.connect import connect, disconnect
-from tasks.data import prepare_data
-from tasks.distill import distill
-from tasks.pretrain import pretrain
-from tasks.quantize import model_upstream, quantize
-from tasks.rlhf import align
-from tasks.sft import finetune
-from tasks.watermark import shipped_model, watermark
 
 
-def _deploy() -> Any:
-    from tasks.deploy import deploy  # Ray Serve and FastAPI load only when a run deploys
-
-    return deploy
+def task_of(st: Stage) -> Any:
+    """The stage's Prefect task, imported when it runs (Ray Serve, vLLM and FastAPI load
+    only in a run that deploys)."""
+    module, name = st.task.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 MISSING = StageResult("missing", "skipped", error="an upstream stage is missing")
@@ -65,80 +70,6 @@ class PipelineFailed(RuntimeError):
     def __init__(self, message: str, summary: dict[str, Any]) -> None:
         super().__init__(message)
         self.summary = summary
-
-
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "pretrain": ("data",),
-    "sft": ("pretrain", "data"),
-    "rlhf": ("sft", "data"),
-    "distill": ("rlhf",),
-    "quantize": ("rlhf", "distill", "data"),
-    "watermark": ("rlhf", "distill", "quantize", "data"),
-    "deploy": ("rlhf", "distill", "quantize", "watermark", "data"),
-}
-"""Each stage's upstream stages, whose StageResults it takes (in this order)."""
-
-USED_IF: dict[tuple[str, str], Callable[[PipelineConfig], bool]] = {
-    ("sft", "data"): lambda c: c.sft is not None and c.sft.data.pretrain_mix > 0,
-    ("rlhf", "data"): lambda c: c.rlhf is not None and c.rlhf.ptx_weight > 0,
-}
-"""Upstreams a stage reads only under some settings (passed as None otherwise): SFT and
-RLHF read the data stage's pretraining text for `pretrain_mix` / `ptx_weight`."""
-
-
-def uses_upstream(stage: str, up: str, cfg: PipelineConfig | None) -> bool:
-    """Whether `stage` reads `up`'s output under `cfg` (None: only the unconditional ones)."""
-    when = USED_IF.get((stage, up))
-    return when is None or (cfg is not None and when(cfg))
-
-
-OPTIONAL: dict[str, frozenset[str]] = {
-    "quantize": frozenset({"distill"}),
-    "watermark": frozenset({"distill", "quantize"}),
-    "deploy": frozenset({"distill", "quantize", "watermark"}),
-}
-"""Upstream stages a stage can do without (passed as None when disabled in the config)."""
-
-
-def external_inputs(stage: str, cfg: PipelineConfig) -> list[str]:
-    """The files and directories outside the workspace that a stage reads."""
-    if stage == "data" and cfg.data is not None:
-        return [i.path for i in cfg.data.inputs]
-    if stage == "sft" and cfg.sft is not None:
-        return [i.path for i in cfg.sft.data.inputs]
-    if stage == "rlhf" and cfg.rlhf is not None:
-        judge = cfg.rlhf.rlaif.llm_judge if cfg.rlhf.rlaif else None
-        return [i.path for i in cfg.rlhf.inputs] + ([judge.model_dir] if judge else [])
-    return []
-
-
-def uses_key(stage: str, cfg: PipelineConfig) -> bool:
-    """Whether a stage's output depends on the watermark key."""
-    return stage == "watermark" or (
-        stage in ("sft", "rlhf") and cfg.sft is not None and cfg.sft.fingerprint is not None
-    )
-
-
-def needed_stages(
-    requested: list[str], sources: dict[str, str], cfg: PipelineConfig | None = None
-) -> set[str]:
-    """The requested stages and what they need upstream (under `cfg`, when given), stopping
-    at `--from` sources."""
-    need: set[str] = set()
-
-    def visit(stage: str) -> None:
-        if stage in need:
-            return
-        need.add(stage)
-        if stage not in sources:
-            for up in DEPENDS[stage]:
-                if uses_upstream(stage, up, cfg):
-                    visit(up)
-
-    for stage in requested:
-        visit(stage)
-    return need
 
 
 class _Chain:
@@ -168,44 +99,42 @@ class _Chain:
             disconnect(self.started_ray)
 
     def key(self, stage: str, upstream: list[StageResult]) -> str:
-        section = self.cfg.section(stage)
-        h = config_hash(section)
-        paths = external_inputs(stage, self.cfg)
+        st = BY_NAME[stage]
+        h = config_hash(self.cfg.section(stage))
+        paths = st.inputs(self.cfg)
         if paths:  # the contents of files it reads are part of what a stage depends on
             h = config_hash({"config": h, "inputs": paths_fingerprint(paths)})
-        if uses_key(stage, self.cfg):  # the watermark key (its id; never the key itself)
+        if st.uses_key(self.cfg):  # the watermark key (its id; never the key itself)
             h = config_hash({"config": h, "key_id": key_id(resolve_key(self.ctx.workspace))})
         return cache_key(stage, h, upstream, self.ctx.code_version)
 
-    def run(
-        self, stage: str, call: Callable[[str, list[StageResult]], StageResult]
-    ) -> StageResult | None:
-        """Runs (or finds in the cache) one stage; `call(key, upstream_results)` runs it."""
+    def run(self, st: Stage, opts: dict[str, Any]) -> StageResult | None:
+        """Runs (or finds in the cache) one stage: its task is called with its section, the
+        run context, its cache key, its upstream results by name and its extras."""
+        stage = st.name
         if stage not in self.needed:
             return None
-        upstream = DEPENDS[stage]
         section = self.cfg.section(stage)
         if stage in self.sources:
             src = self.sources[stage]
             artifact_id = f"external:{src}"
             if src.startswith("models:/"):  # a registered version (an alias: its version now)
-                mv = tracking.model_version_of(self.ctx.tracking_uri, src)
-                ref = f"{mv.name}/{mv.version}"
-                dest = Path(self.ctx.workspace) / "external" / ref
-                src = str(tracking.fetch_model(self.ctx.tracking_uri, f"models:/{ref}", dest))
-                artifact_id = f"registry:{ref}"  # lineage: downstream versions name it parent
+                mv, local = fetch_version(
+                    self.ctx.tracking_uri, src, Path(self.ctx.workspace) / "external"
+                )
+                src = str(local)
+                artifact_id = f"registry:{mv.name}/{mv.version}"  # downstream names it parent
             res = StageResult(stage, "cached", artifact_uri=src, artifact_id=artifact_id)
             self.results[stage] = res
             return res
-        optional = OPTIONAL.get(stage, frozenset())
-        ups = [
-            None
-            if (u in optional and self._disabled(u)) or not uses_upstream(stage, u, self.cfg)
-            else self.results.get(u, MISSING if u not in optional else None)
-            for u in upstream
-        ]
-        present = [u for u in ups if u is not None]
-        if section is None or any(u is MISSING for u in ups):
+        ups = {
+            u: None
+            if (u in st.optional and self._disabled(u)) or not uses_upstream(stage, u, self.cfg)
+            else self.results.get(u, MISSING if u not in st.optional else None)
+            for u in st.upstream
+        }
+        present = [u for u in ups.values() if u is not None]
+        if section is None or any(u is MISSING for u in ups.values()):
             why = "disabled in the config" if section is None else "an upstream stage is missing"
             return self._finish(stage, StageResult(stage, "skipped", error=why))
         if self.failed or any(u.status in ("failed", "skipped") for u in present):
@@ -236,7 +165,9 @@ class _Chain:
                 self.started_ray = connect(self.cfg.cluster)
                 self.ray_connect_s = time.time() - t_ray
                 self._flush_metrics()
-            res = call(key, ups)
+            res = task_of(st).with_options(**opts)(
+                section, self.ctx, key, **ups, **st.extras(self.cfg)
+            )
         except Exception as e:
             self.log.error("%s: failed: %s", stage, e)
             self.failed = True
@@ -323,10 +254,6 @@ def endpoint(chain: _Chain, cfg: PipelineConfig, uri: str) -> dict[str, Any] | N
     }
 
 
-MODEL_STAGES = ("pretrain", "sft", "rlhf", "distill", "quantize")
-"""Stages whose artifact is the model to ship (the last one that completed wins)."""
-
-
 def _ok(r: StageResult) -> bool:
     """Completed, cached, or switched off in the config."""
     return r.status in ("completed", "cached") or (
@@ -387,57 +314,9 @@ def lifecycle_flow(
     )
     opts = {"retries": cfg.flow.retries, "retry_delay_seconds": cfg.flow.retry_delay_s}
     chain = _Chain(cfg, ctx, requested, force, sources)
-    # The SFT fingerprint's trigger count: RLHF keeps the triggers, watermark checks them.
-    triggers = cfg.sft.fingerprint.num_triggers if cfg.sft and cfg.sft.fingerprint else None
     try:
-        chain.run("data", lambda key, up: prepare_data.with_options(**opts)(cfg.data, ctx, key))
-        chain.run(
-            "pretrain",
-            lambda key, up: pretrain.with_options(**opts)(cfg.pretrain, up[0], ctx, key),
-        )
-        chain.run(
-            "sft",
-            lambda key, up: finetune.with_options(**opts)(cfg.sft, up[0], ctx, key, data=up[1]),
-        )
-        chain.run(
-            "rlhf",
-            lambda key, up: align.with_options(**opts)(
-                cfg.rlhf, up[0], ctx, key, triggers, data=up[1]
-            ),
-        )
-        chain.run(
-            "distill",
-            lambda key, up: distill.with_options(**opts)(cfg.distill, up[0], ctx, key),
-        )
-        chain.run(
-            "quantize",
-            lambda key, up: quantize.with_options(**opts)(
-                cfg.quantize, model_upstream(up[0], up[1]), up[2], ctx, key
-            ),
-        )
-        chain.run(
-            "watermark",
-            lambda key, up: watermark.with_options(**opts)(
-                cfg.watermark,
-                up[0],
-                shipped_model(up[2], up[1], up[0]),
-                up[3],
-                ctx,
-                key,
-                triggers,
-            ),
-        )
-        chain.run(
-            "deploy",
-            lambda key, up: _deploy().with_options(**opts)(
-                cfg.deploy,
-                shipped_model(up[2], up[1], up[0]),
-                cfg.watermark if up[3] is not None else None,
-                up[4],
-                ctx,
-                key,
-            ),
-        )
+        for st in STAGE_TABLE:
+            chain.run(st, opts)
     except BaseException:
         tracking.end_run(uri, parent, "FAILED")  # e.g. a needed upstream result is missing
         raise
@@ -449,7 +328,7 @@ def lifecycle_flow(
     shipped = next(
         (
             chain.results[s].artifact_uri
-            for s in reversed(MODEL_STAGES)
+            for s in reversed(model_stages())
             if s in chain.results and chain.results[s].status in ("completed", "cached")
         ),
         None,

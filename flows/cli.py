@@ -30,16 +30,26 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from lifecycle.config import STAGES, ConfigError, find_config, load_config
+from lifecycle.config import ConfigError, find_config, load_config
+from lifecycle.stages import STAGES
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="llm-lifecycle: an LLM production line driven by one YAML file.",
 )
-err = Console(stderr=True)
+# soft_wrap: a message is one line whatever the terminal (rich wraps at 80 columns when stderr
+# is a pipe or a log file, which split paths and messages that tests and tools grep for).
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _error(message: str, label: str = "error") -> None:
+    """`label: message` on stderr, the message verbatim (never read as rich markup)."""
+    err.print(f"[red]{label}[/red]: {escape(message)}", highlight=False)
+
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -48,11 +58,8 @@ SetOpt = Annotated[
 ]
 
 
-_resolve_config = find_config
-
-
 def _fail_config(e: Exception) -> None:
-    err.print(f"[red]configuration error[/red]: {e}", highlight=False)
+    _error(str(e), "configuration error")
     raise typer.Exit(2)
 
 
@@ -60,7 +67,7 @@ def _fail_config(e: Exception) -> None:
 def validate(config: str, set_: SetOpt = None) -> None:
     """Checks a config file (and overrides) against the schema; exit 2 when invalid."""
     try:
-        cfg = load_config(_resolve_config(config), set_ or [])
+        cfg = load_config(find_config(config), set_ or [])
     except ConfigError as e:
         _fail_config(e)
     enabled = [s for s in STAGES if cfg.section(s) is not None]
@@ -154,11 +161,11 @@ def run(
     if resume is not None:
         saved = Path(workspace).resolve() / "runs" / resume / "config.yaml"
         if not saved.is_file():
-            err.print(f"[red]error[/red]: no run {resume!r} in {workspace} (no {saved})")
+            _error(f"no run {resume!r} in {workspace} (no {saved})")
             raise typer.Exit(2)
         config, run_name = str(saved), run_name or resume
     try:
-        cfg = load_config(_resolve_config(config), set_ or [])
+        cfg = load_config(find_config(config), set_ or [])
         requested = _parse_stages(stages)
         sources = _parse_sources(from_ or [])
     except ConfigError as e:
@@ -184,7 +191,7 @@ def run(
         except PipelineFailed as e:
             summary = e.summary
         except ValueError as e:
-            err.print(f"[red]error[/red]: {e}", highlight=False)
+            _error(str(e))
             raise typer.Exit(2) from None
     err.print(_table(summary))
     ep = summary.get("endpoint")
@@ -238,7 +245,7 @@ def _key(key_file: str | None) -> bytes:
     try:
         return load_key(key_file)
     except MissingKey as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False)
+        _error(str(e))
         raise typer.Exit(2) from None
 
 
@@ -250,7 +257,7 @@ def _model_dir(model: str, workspace: str) -> str:
         dest = ws / "external" / model.removeprefix("models:/")
         return str(tracking.fetch_model(tracking.default_tracking_uri(ws), model, dest))
     if not (Path(model) / "config.json").is_file():
-        err.print(f"[red]error[/red]: {model} is not a model directory (no config.json)")
+        _error(f"{model} is not a model directory (no config.json)")
         raise typer.Exit(2)
     return model
 
@@ -263,7 +270,7 @@ def wm_keygen(out: Annotated[str, typer.Option("--out")]) -> None:
     try:
         path = new_key_file(out)
     except FileExistsError:
-        err.print(f"[red]error[/red]: {out} exists; not overwriting a key")
+        _error(f"{out} exists; not overwriting a key")
         raise typer.Exit(2) from None
     print(f"wrote {path} (key id {key_id(load_key(path))})")
 
@@ -365,13 +372,13 @@ def serve(
     from flows import serving
 
     try:
-        cfg = load_config(_resolve_config(config), set_ or [])
+        cfg = load_config(find_config(config), set_ or [])
     except ConfigError as e:
         _fail_config(e)
     running = serving.read_state(workspace)
     if running is not None:
-        err.print(
-            f"[red]error[/red]: a server already runs for this workspace (pid {running['pid']}, "
+        _error(
+            f"a server already runs for this workspace (pid {running['pid']}, "
             f"{running['url']}): `lifecycle serve stop` first"
         )
         raise typer.Exit(2)
@@ -381,14 +388,14 @@ def serve(
         try:
             state = serving.detach(argv, workspace, timeout)
         except (RuntimeError, TimeoutError) as e:
-            err.print(f"[red]error[/red]: {e}", highlight=False)
+            _error(str(e))
             raise typer.Exit(1) from None
         print(json.dumps(state))
         return
     try:
         serving.serve_forever(cfg, workspace, model, port, poll_s)
     except ValueError as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False)
+        _error(str(e))
         raise typer.Exit(2) from None
 
 
@@ -431,10 +438,10 @@ def rollback(
     """Moves the `champion` alias back to the previous champion; a running `lifecycle serve`
     that follows the alias rolls over to it."""
     from lifecycle import tracking
-    from tasks.deploy import rollback as do_rollback
+    from lifecycle.registry import rollback as do_rollback
 
     try:
-        cfg = load_config(_resolve_config(config), set_ or [])
+        cfg = load_config(find_config(config), set_ or [])
     except ConfigError as e:
         _fail_config(e)
     ws = Path(workspace).resolve()
@@ -443,7 +450,7 @@ def rollback(
     try:
         old, new = do_rollback(uri, name)
     except ValueError as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False)
+        _error(str(e))
         raise typer.Exit(1) from None
     print(f"{name}: champion {old} -> {new}")
 
@@ -461,14 +468,14 @@ def schedule(
     """Registers prefect.yaml's deployments (lifecycle/full, /retrain with the config's cron,
     /redeploy) with the Prefect server at PREFECT_API_URL; a process worker runs them."""
     try:
-        load_config(_resolve_config(config), set_ or [])
+        load_config(find_config(config), set_ or [])
     except ConfigError as e:
         _fail_config(e)
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
-        err.print(
-            "[red]error[/red]: lifecycle schedule registers deployments with a Prefect server: "
+        _error(
+            "lifecycle schedule registers deployments with a Prefect server: "
             "start one (`prefect server start`) and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
@@ -479,7 +486,7 @@ def schedule(
         with contextlib.redirect_stdout(sys.stderr):  # stdout: only the JSON below
             out = register(config, set_ or [], workspace, work_pool, paused)
     except Exception as e:  # the server is unreachable, the pool has another type, ...
-        err.print(f"[red]error[/red]: registering with Prefect failed: {e}", highlight=False)
+        _error(f"registering with Prefect failed: {e}")
         raise typer.Exit(1) from None
     for d in out:
         err.print(f"{d['name']}: {d['id']} (pool {d['work_pool']}, schedule {d['schedule']})")
@@ -507,7 +514,7 @@ def cluster_up(
     try:
         state = local_cluster.up(workspace, workers, cpus_per_node, gpus_per_node, auth)
     except RuntimeError as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False)
+        _error(str(e))
         raise typer.Exit(1) from None
     env = local_cluster.auth_env(state)
     err.print(

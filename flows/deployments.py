@@ -38,13 +38,19 @@ from flows.chain import lifecycle_flow, slug
 from flows.serving import follow_champion
 from lifecycle import tracking
 from lifecycle.config import PipelineConfig, find_config, load_config
+from lifecycle.registry import (
+    champion_version,
+    data_manifest_sha256,
+    fetch_version,
+    last_trained_data,
+    set_champion,
+    trainable_base,
+)
+from lifecycle.stages import retrain_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = ROOT / "prefect.yaml"
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
-RETRAIN_STAGES = ["data", "sft", "rlhf", "distill", "quantize", "watermark", "deploy"]
-TRAINABLE = ("pretrain", "sft", "rlhf", "distill")
-"""Registry stages whose versions are full-precision weights a retrain can start from."""
 
 
 def _load(config: str, overrides: list[str] | None) -> tuple[Path, PipelineConfig]:
@@ -54,43 +60,6 @@ def _load(config: str, overrides: list[str] | None) -> tuple[Path, PipelineConfi
 
 def _uri(cfg: PipelineConfig, workspace: str) -> str:
     return cfg.tracking.tracking_uri or tracking.default_tracking_uri(Path(workspace).resolve())
-
-
-def trainable_base(tracking_uri: str, model_uri: str) -> str:
-    """`NAME/VERSION` of the model a retrain starts from: `model_uri` itself when it is a
-    pretrain/sft/rlhf/distill version, else the nearest such ancestor in its lineage (the
-    champion is usually a quantized model: retraining starts from the weights it came from)."""
-    mv = tracking.model_version_of(tracking_uri, model_uri)
-    path = []
-    while True:
-        stage = mv.tags.get("lifecycle.stage", "?")
-        if stage in TRAINABLE:
-            return f"{mv.name}/{mv.version}"
-        path.append(f"{mv.name}/{mv.version} ({stage})")
-        parent = mv.tags.get("lifecycle.parent_model", "")
-        if not parent or parent.startswith("external:") or len(path) > 16:
-            raise ValueError(
-                f"{model_uri}: no trainable model in its lineage ({' <- '.join(path)}"
-                f"{' <- ' + parent if parent else ''}): pass base_model=models:/NAME/VERSION"
-            )
-        mv = tracking.model_version_of(tracking_uri, f"models:/{parent}")
-
-
-def last_trained_data(tracking_uri: str, name: str) -> tuple[str, str] | None:
-    """(version, dataset sha256) of the newest version of `name` that records its data."""
-    from mlflow.exceptions import MlflowException
-
-    from tasks.deploy import DATA_TAG
-
-    try:
-        versions = tracking.client(tracking_uri).search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    tagged = [(int(v.version), v.tags[DATA_TAG]) for v in versions if DATA_TAG in v.tags]
-    if not tagged:
-        return None
-    version, sha = max(tagged)
-    return str(version), sha
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -134,7 +103,7 @@ def retrain(
     if source is not None and not Path(source).exists():
         raise ValueError(f"data_source {source}: no such file or directory")
     base = trainable_base(uri, base_model or f"models:/{name}@champion")
-    base_dir = tracking.fetch_model(uri, f"models:/{base}", ws / "external" / base)
+    _, base_dir = fetch_version(uri, f"models:/{base}", ws / "external")
 
     raw = cfg.model_dump(mode="json")
     if source is not None:
@@ -145,8 +114,6 @@ def retrain(
     data = lifecycle_flow(
         config=raw, workspace=workspace, run_name=f"{run_name}-data", stages=["data"]
     )
-    from tasks.deploy import champion_version, data_manifest_sha256
-
     sha = data_manifest_sha256(data["stages"][0]["artifact_uri"])
     last = last_trained_data(uri, name)
     result: dict[str, Any] = {
@@ -167,7 +134,7 @@ def retrain(
             config=raw,
             workspace=workspace,
             run_name=run_name,
-            stages=RETRAIN_STAGES,
+            stages=retrain_stages(),
             sources={"pretrain": f"models:/{base}"},
         )
         dep = next(s for s in summary["stages"] if s["stage"] == "deploy")
@@ -202,8 +169,6 @@ def redeploy(
     """The workspace's server serves the champion (`version`: make that version the champion
     first, recorded in the history `lifecycle rollback` walks): a rolling update with no
     downtime, or a new server (detached) when none runs and `start`."""
-    from tasks.deploy import champion_version, set_champion
-
     config_path, cfg = _load(config, overrides)
     uri, name = _uri(cfg, workspace), cfg.tracking.registered_model
     if version is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from lifecycle import tracking
 from lifecycle.config import PipelineConfig, ServeConfig
+from lifecycle.registry import champion_version, key_file_for, resolve_model, watermark_settings
 
 STATE_FILE = "serve/state.json"
 LOG_FILE = "serve/serve.log"
@@ -34,31 +35,10 @@ class _Stop(Exception):
     pass
 
 
-def _resolve(model: str, uri: str, workspace: Path) -> tuple[Path, str, dict[str, str]]:
-    """(local dir, version label, model-version tags) of a model reference."""
-    if not model.startswith("models:/"):
-        d = Path(model).resolve()
-        if not (d / "config.json").is_file():
-            raise ValueError(f"{model}: not a model directory (no config.json)")
-        return d, f"dir:{d.name}", {}
-    ref = model.removeprefix("models:/")
-    c = tracking.client(uri)
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        mv = c.get_model_version_by_alias(name, alias)
-    else:
-        name, _, version = ref.partition("/")
-        mv = c.get_model_version(name, version)
-    dest = workspace / "serving" / f"{mv.name}-v{mv.version}"
-    d = tracking.fetch_model(uri, f"models:/{mv.name}/{mv.version}", dest)
-    return d, f"{mv.name}/{mv.version}", dict(mv.tags)
-
-
 def _spec(model: str, uri: str, ws: Path, scfg: ServeConfig, model_id: str) -> Any:
     from ray_cluster.serve import make_spec
-    from tasks.deploy import key_file_for, watermark_settings
 
-    d, label, tags = _resolve(model, uri, ws)
+    d, label, tags = resolve_model(model, uri, ws)
     wm = watermark_settings(tags) if scfg.watermark else None
     kf = key_file_for(ws, tags.get("lifecycle.watermark.key_id")) if wm else None
     return make_spec(d, scfg, model_id, label, wm, kf)
@@ -203,8 +183,6 @@ def follow_champion(
     server (following `@champion`) rolls over by itself and this waits until it has; with none
     running, `start` starts one (detached). Returns {serving, url, version, pid}."""
     import httpx
-
-    from tasks.deploy import champion_version
 
     ws = Path(workspace).resolve()
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)

@@ -11,7 +11,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +74,23 @@ class RunContext:
     def stage_dir(self, stage: str, key: str) -> Path:
         """Where a stage writes its artifacts: keyed, so a re-run never overwrites another."""
         return Path(self.workspace) / "artifacts" / stage / key[:16]
+
+    @contextmanager
+    def staging(self, stage: str, key: str) -> Iterator[Path]:
+        """A fresh `<stage_dir>.partial` to write the stage's artifacts into; renamed to
+        `stage_dir(stage, key)` when the block ends normally, deleted when it raises. Nothing
+        half-written is ever at the final path (a re-run replaces the previous output)."""
+        final = self.stage_dir(stage, key)
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
 
     def train_name(self, stage: str, key: str) -> str:
         """The Ray Train run name of a training stage: checkpoints live under ray_storage/NAME."""

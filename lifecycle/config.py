@@ -17,18 +17,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = (
-    "data",
-    "pretrain",
-    "sft",
-    "rlhf",
-    "distill",
-    "quantize",
-    "watermark",
-    "deploy",
-)
-"""Stage names in chain order. A new stage adds its name here, a section below and a flow line."""
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names every bad key by its dotted path."""
@@ -309,7 +297,6 @@ SFT_METHODS = (
     "p_tuning",
 )
 LORA_FAMILY = ("lora", "qlora", "adalora", "loha")
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 TargetModules = list[str] | Literal["all-linear"]
 
 

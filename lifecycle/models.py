@@ -85,6 +85,20 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
+def chat_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of a model dir, checked for the chat-role tokens SFT's data format uses
+    (the template is set when the dir has none)."""
+    from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
+
+    tok = load_tokenizer(model_dir)
+    missing = [t for t in ROLE_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        raise ValueError(f"{model_dir}: tokenizer lacks the chat role tokens {missing}")
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

@@ -1,7 +1,9 @@
 """The only module that imports mlflow: parent and stage runs, metrics, checkpoints, registry.
 
 Every call takes an explicit tracking URI and run id (no reliance on "the active run"), so the
-driver, Prefect tasks and Ray Train workers (rank 0) can all log to the same runs.
+driver, Prefect tasks and Ray Train workers (rank 0) can all log to the same runs. mlflow is
+imported by the calls that use it, not at import time: a training loop with a disabled
+`RankZeroTracker` (other ranks, or a GPU check without MLflow) runs where mlflow is absent.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.artifacts import RunContext, dir_manifest
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "lifecycle.stage"
@@ -31,10 +32,14 @@ def default_tracking_uri(workspace: str | Path) -> str:
 
 
 def client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
+    from mlflow.exceptions import MlflowException
+
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -64,11 +69,15 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
     now = [RunTag(k, str(v)) for k, v in tags.items()]
     client(tracking_uri).log_batch(run_id, tags=now)
 
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
     items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):
         client(tracking_uri).log_batch(run_id, params=items[i : i + 100])
@@ -77,6 +86,8 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> Non
 def log_metrics(
     tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0
 ) -> None:
+    from mlflow.entities import Metric
+
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
     if items:
@@ -105,6 +116,7 @@ def log_dataset(
     """Records a dataset (by URI and content digest) as an input of the run."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     ds = MetaDataset(resolve_dataset_source(source_uri), name=name, digest=digest[:36])
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
@@ -139,11 +151,6 @@ def log_checkpoint(
     return manifest
 
 
-def list_checkpoints(tracking_uri: str, run_id: str, root: str = "checkpoints") -> list[int]:
-    arts = client(tracking_uri).list_artifacts(run_id, root)
-    return sorted(int(a.path.rsplit("_", 1)[1]) for a in arts if a.is_dir)
-
-
 def register_model(
     tracking_uri: str,
     run_id: str,
@@ -154,6 +161,8 @@ def register_model(
     artifact_path: str = "model",
 ) -> str:
     """Logs an HF model directory under `model/` of the run and registers it; returns the version."""
+    from mlflow.exceptions import MlflowException
+
     log_artifacts(tracking_uri, run_id, model_dir, artifact_path)
     c = client(tracking_uri)
     with contextlib.suppress(MlflowException):  # already exists
@@ -177,22 +186,65 @@ def set_model_version_tags(
         c.set_model_version_tag(name, version, k, str(v))
 
 
+def create_version(
+    tracking_uri: str, name: str, source: str, run_id: str, tags: Mapping[str, Any]
+) -> str:
+    """A new version of `name` (created when missing) whose weights are at `source` (no copy)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    with contextlib.suppress(MlflowException):  # already exists
+        c.create_registered_model(name)
+    mv = c.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
+    return str(mv.version)
+
+
+def version_by_alias(tracking_uri: str, name: str, alias: str) -> Any | None:
+    """The model version `name@alias`, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def registered_model_tags(tracking_uri: str, name: str) -> dict[str, str] | None:
+    """The tags of registered model `name`, or None when there is no such model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client(tracking_uri).get_registered_model(name).tags)
+    except MlflowException:
+        return None
+
+
+def set_registered_model_tag(tracking_uri: str, name: str, key: str, value: str) -> None:
+    client(tracking_uri).set_registered_model_tag(name, key, value)
+
+
+def search_versions(tracking_uri: str, name: str) -> list[Any]:
+    """Every version of registered model `name` (empty when there is none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client(tracking_uri).search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
+
+
 def model_version(tracking_uri: str, name: str, version: str) -> Any:
     return client(tracking_uri).get_model_version(name, version)
 
 
 def get_run(tracking_uri: str, run_id: str) -> Any:
     return client(tracking_uri).get_run(run_id)
-
-
-def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
-    return client(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    )
-
-
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
 
 
 def log_text_file(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:

@@ -154,24 +154,6 @@ def cluster_pids(state: dict[str, Any]) -> list[int]:
     return pids
 
 
-def raylet_pid(state: dict[str, Any], node_index: int) -> int | None:
-    """The raylet of one node (to kill it: a node failure)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if (
-            "raylet/raylet" in cmd
-            and f"lifecycle_node_{node_index}," in cmd
-            and f":{state['gcs_port']}" in cmd
-        ):
-            return int(proc.name)
-    return None
-
-
 def status(workspace: str | Path) -> dict[str, Any] | None:
     """The state plus Ray's view of the nodes (alive, resources)."""
     state = read_state(workspace)

@@ -1,7 +1,8 @@
 """Ray Train loops of the RLHF stage: the reward model, and DPO / GRPO / PPO on the policy.
 
 Used by tasks/rlhf.py. One loop, `rlhf_loop`, with `kind` in reward | dpo | grpo | ppo:
-the model(s) are built on every worker, wrapped by `prepare_model` (DDP), trained with the
+the model(s) are built on every worker, wrapped by `prepare_model` (DDP) on the worker's
+device (the frozen reference and the value head with it), trained with the plain-PyTorch
 steps of lifecycle/rlhf/algorithms.py, checkpointed every `checkpoint_every` steps through
 `ray.train.report` (committed like pretraining: a worker that dies resumes from the newest
 committed checkpoint), and the final model is reported as checkpoint `final/model`.
@@ -24,14 +25,12 @@ from lifecycle.data.instruct import load_rows
 from lifecycle.models import load_model, load_tokenizer, save_model
 from lifecycle.rlhf.reward import make_reward_fn
 from lifecycle.tracking import RankZeroTracker
+from lifecycle.training import BatchSampler, make_optimizer, make_scheduler
 from ray_cluster import metrics as ray_metrics
 from ray_cluster.train import (
     FINAL_DIR,
     STATE_FILE,
-    BatchSampler,
     latest_checkpoint,
-    lr_lambda,
-    make_optimizer,
     report_checkpoint,
     run_trainer,
 )
@@ -48,6 +47,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
     cfg = RLHFConfig.model_validate(c["config"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
     tracker = RankZeroTracker(c["tracking_uri"], c["mlflow_run_id"], enabled=rank == 0)
     tok = load_tokenizer(c["tokenizer_dir"])
     pad = tok.pad_token_id
@@ -66,7 +66,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         )
     else:
         model = load_model(c["base_model_dir"])
-        ref = copy.deepcopy(model).requires_grad_(False).eval()
+        ref = copy.deepcopy(model).requires_grad_(False).eval().to(device)
         if cfg.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -85,7 +85,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         if kind == "ppo":
             from lifecycle.rlhf.ppo import ValueHead
 
-            head = ValueHead(model.config.hidden_size)
+            head = ValueHead(model.config.hidden_size).to(device)
     train_cfg = cfg.model_copy(
         update={"max_steps": steps, "lr": lr, "warmup_steps": min(cfg.warmup_steps, steps - 1)}
     )
@@ -99,7 +99,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
     optimizer = (
         make_optimizer(model, train_cfg) if head is None else torch.optim.AdamW(params, lr=lr)
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+    sched = make_scheduler(optimizer, train_cfg)
 
     start = 0
     ckpt = latest_checkpoint(c["storage_dir"]) or ray.train.get_checkpoint()
@@ -108,9 +108,9 @@ def rlhf_loop(c: dict[str, Any]) -> None:
 
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
-            load_safetensors(raw, str(Path(d) / "model.safetensors"))
+            load_safetensors(raw, str(Path(d) / "model.safetensors"), device=str(device))
             if head is not None:
-                load_safetensors(head, str(Path(d) / "value_head.safetensors"))
+                load_safetensors(head, str(Path(d) / "value_head.safetensors"), device=str(device))
             optimizer.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
             sched.load_state_dict(json.loads((Path(d) / "scheduler.json").read_text()))
             start = state["step"]
@@ -132,7 +132,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         """+ ptx_weight × LM loss on pretraining text (InstructGPT's PPO-ptx)."""
         if ptx_x is None:
             return loss
-        xb = ptx_x[ptx_sampler.indices(step)]
+        xb = ptx_x[ptx_sampler.indices(step)].to(device)
         lm = net(input_ids=xb, labels=xb).loss
         stats["ptx_loss"] = float(lm)
         return loss + cfg.ptx_weight * lm

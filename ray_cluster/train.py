@@ -1,6 +1,8 @@
 """Ray Train: the causal-LM training loop per worker, and the TorchTrainer that runs it.
 
-Used by tasks/pretrain.py; run a stage alone with `lifecycle run CONFIG --stages pretrain`.
+Used by tasks/pretrain.py, tasks/sft.py and tasks/distill.py; run a stage alone with
+`lifecycle run CONFIG --stages pretrain`. The loss, the optimizer step, the sampler and the
+held-out loss are plain PyTorch in lifecycle/training.py; this module is the Ray glue.
 
 Ray touches the loop at three points: (1) the model is wrapped by `prepare_model` (DDP) or by
 a DeepSpeed engine (ZeRO 1/2/3), (2) each worker reads its own slice of every global batch,
@@ -12,12 +14,11 @@ since batches are a pure function of (seed, step), the data order continues exac
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,171 +35,25 @@ from lifecycle.config import (
     SFTConfig,
     TrainingConfig,
 )
-from lifecycle.data.instruct import IGNORE, load_rows
-from lifecycle.data.pipeline import load_blocks
 from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
 from lifecycle.tracking import RankZeroTracker
+from lifecycle.training import (
+    BatchSampler,
+    LMData,
+    autocast_for,
+    deepspeed_config,
+    evaluate,
+    lm_loss,
+    make_optimizer,
+    make_scheduler,
+    measure_peak_flops,
+    train_step,
+)
 from ray_cluster import metrics as ray_metrics
 
 STATE_FILE = "train_state.json"
 COMMIT_FILE = "COMMITTED"
 FINAL_DIR = "final"
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces of the loop (plain torch; also used by bench/train_overhead.py's bare baseline)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LMData:
-    """Token rows for a causal LM. Pretraining: packed blocks, labels = inputs, no padding.
-    SFT: padded rows with their own labels (IGNORE outside assistant turns)."""
-
-    train_x: torch.Tensor
-    val_x: torch.Tensor
-    train_y: torch.Tensor | None = None
-    val_y: torch.Tensor | None = None
-    pad_id: int | None = None
-
-    @classmethod
-    def load(cls, kind: str, data_dir: str, pad_id: int | None) -> LMData:
-        if kind == "pretrain":
-            return cls(load_blocks(data_dir, "train"), load_blocks(data_dir, "val"))
-        tx, ty = load_rows(Path(data_dir) / "train.parquet")
-        vx, vy = load_rows(Path(data_dir) / "val.parquet")
-        return cls(tx, vx, ty, vy, pad_id)
-
-    def _batch(self, x: torch.Tensor, y: torch.Tensor | None, idx: torch.Tensor) -> tuple:
-        xb = x[idx]
-        if y is None:
-            return xb, xb, None
-        return xb, y[idx], (xb != self.pad_id).long()
-
-    def train_batch(self, idx: torch.Tensor) -> tuple:
-        return self._batch(self.train_x, self.train_y, idx)
-
-    def val_batch(self, idx: torch.Tensor) -> tuple:
-        return self._batch(self.val_x, self.val_y, idx)
-
-
-class BatchSampler:
-    """Global batch `step` → this rank's rows: a pure function of (seed, step, rank).
-
-    Each epoch is a seeded permutation; resuming at step k continues with the same batches an
-    uninterrupted run would have seen.
-    """
-
-    def __init__(self, n: int, micro_batch: int, world: int, rank: int, seed: int) -> None:
-        self.n, self.micro, self.world, self.rank, self.seed = n, micro_batch, world, rank, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, micro_step: int) -> torch.Tensor:
-        start = (micro_step * self.world + self.rank) * self.micro
-        pos = torch.arange(start, start + self.micro)
-        epochs, offsets = pos // self.n, pos % self.n
-        return torch.stack(
-            [self._perm(int(e))[int(o)] for e, o in zip(epochs, offsets, strict=True)]
-        )
-
-
-def lr_lambda(cfg: TrainingConfig) -> Any:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-    return f
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    data: LMData,
-    batch: int,
-    max_batches: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-    autocast: Any,
-) -> float:
-    """Mean loss per target token over the first `max_batches` val batches, split across ranks."""
-    model.eval()
-    n = min(len(data.val_x), batch * max_batches)
-    mine = torch.arange(n)[rank::world]
-    # Every rank runs the same number of forwards: under ZeRO-3 each one is a collective.
-    n_iter = math.ceil(math.ceil(n / world) / batch)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(n_iter):
-        idx = mine[i * batch : (i + 1) * batch]
-        counted = len(idx) > 0
-        if not counted:  # this rank ran out of rows: a forward to keep in step, not counted
-            idx = torch.arange(1)
-        x, y, mask = (t.to(device) if t is not None else None for t in data.val_batch(idx))
-        with autocast():
-            loss = model(input_ids=x, attention_mask=mask, labels=y).loss
-        if counted:
-            tokens = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
-            total += torch.tensor(
-                [loss.item() * tokens, tokens], dtype=torch.float64, device=device
-            )
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    model.train()
-    return float(total[0] / total[1])
-
-
-def measure_peak_flops(seconds: float = 0.5, n: int = 512) -> float:
-    """FLOP/s of fp32 matmuls on this worker's threads: the MFU denominator when none is given."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-def deepspeed_config(cfg: TrainingConfig, world: int) -> dict[str, Any]:
-    ds = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    if ds.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,22 +101,18 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
             torch.manual_seed(cfg.seed)  # adapter init is random: same on every rank
             model = apply_method(base, cfg)
     use_ds = cfg.deepspeed.zero_stage > 0
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-
-    def autocast() -> Any:
-        if dtype is None or use_ds:  # DeepSpeed casts the model itself
-            return torch.autocast(device.type, enabled=False)
-        return torch.autocast(device.type, dtype=dtype)
+    # DeepSpeed casts the model itself; otherwise bf16 is autocast around each forward.
+    dtype = torch.bfloat16 if cfg.precision == "bf16" and not use_ds else None
+    autocast = autocast_for(device, dtype)
 
     if use_ds:
         import deepspeed
 
         optimizer = make_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         engine, optimizer, _, sched = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=sched,
+            lr_scheduler=make_scheduler(optimizer, cfg),
             config=deepspeed_config(cfg, world),
         )
         net = engine
@@ -270,9 +121,18 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         ddp = {"find_unused_parameters": True} if kind == "sft" else None
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
         optimizer = make_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        sched = make_scheduler(optimizer, cfg)
         net = model
     raw = net.module if hasattr(net, "module") else net
+
+    def all_reduce(t: torch.Tensor) -> None:
+        """Sum over ranks, in place (through the device: NCCL reduces only GPU tensors)."""
+        if world > 1:
+            on = t.to(device)
+            torch.distributed.all_reduce(on)
+            t.copy_(on)
+
+    ev = dict(rank=rank, world=world, device=device, autocast=autocast, all_reduce=all_reduce)
 
     # ---- resume ---------------------------------------------------------------------------
     start_step, state = 0, {}
@@ -297,9 +157,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     if "loss_before" in state:
         loss_before = state["loss_before"]
     else:
-        loss_before = evaluate(
-            net, data, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
-        )
+        loss_before = evaluate(net, data, cfg.micro_batch_size, cfg.eval_batches, **ev)
     tracker.metrics(
         {"eval/loss_before": loss_before, "eval/perplexity_before": math.exp(min(loss_before, 50))},
         step=0,
@@ -317,30 +175,41 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     loss_acc = torch.zeros(2, dtype=torch.float64)
     net.train()
 
+    def loss_fn(net: Any, batch: Any) -> torch.Tensor:
+        return lm_loss(net, batch, teacher, *distill_args)
+
+    distill_args = (cfg.temperature, cfg.alpha) if kind == "distill" else ()
+    # AdaLoRA reallocates its rank budget from this step's gradients.
+    adalora = kind == "sft" and cfg.method == "adalora"
     for step in range(start_step, cfg.max_steps):
-        for micro in range(cfg.grad_accum_steps):
-            idx = sampler.indices(step * cfg.grad_accum_steps + micro)
-            x, y, mask = (t.to(device) if t is not None else None for t in data.train_batch(idx))
-            if use_ds:
-                loss = step_loss(engine, teacher, cfg, x, y, mask)
+        batches = [
+            data.train_batch(sampler.indices(step * cfg.grad_accum_steps + m), device)
+            for m in range(cfg.grad_accum_steps)
+        ]
+        if use_ds:
+            losses = []
+            for batch in batches:
+                loss = loss_fn(engine, batch)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed counts micro-steps and steps at the boundary
-            else:
-                last = micro == cfg.grad_accum_steps - 1
+                losses.append(loss.item())
+            last_loss = sum(losses) / len(losses)
+        else:
+            last_loss = train_step(
+                model,
+                optimizer,
+                sched,
+                batches,
+                grad_clip=cfg.grad_clip,
+                loss_fn=loss_fn,
+                autocast=autocast,
                 # Gradients are all-reduced once per step, on the last micro-batch.
-                sync = model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        loss = step_loss(model, teacher, cfg, x, y, mask)
-                    (loss / cfg.grad_accum_steps).backward()
-            loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        if not use_ds:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            sched.step()
-            if kind == "sft" and cfg.method == "adalora":
-                raw.base_model.update_and_allocate(step)  # needs this step's gradients
-            optimizer.zero_grad(set_to_none=True)
+                no_sync=model.no_sync if world > 1 else None,
+                before_zero_grad=partial(raw.base_model.update_and_allocate, step)
+                if adalora
+                else None,
+            )
+        loss_acc += torch.tensor([last_loss * len(batches), len(batches)], dtype=torch.float64)
         if step == start_step:
             t_first = time.perf_counter()
         else:
@@ -349,8 +218,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            if world > 1:
-                torch.distributed.all_reduce(loss_acc)
+            all_reduce(loss_acc)
             tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
             if rank == 0:  # Ray's Prometheus endpoint (ray_cluster/metrics.py)
                 ray_metrics.training_step(kind, done, float(loss_acc[0] / loss_acc[1]), tps)
@@ -386,14 +254,12 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
                 report_checkpoint(
                     c["storage_dir"],
                     name,
-                    {"step": done, "train/loss": loss.item()},
+                    {"step": done, "train/loss": last_loss},
                     d if has_files else None,
                 )
 
     # ---- final evaluation and model ------------------------------------------------------
-    loss_after = evaluate(
-        net, data, cfg.micro_batch_size, cfg.eval_batches, rank, world, device, autocast
-    )
+    loss_after = evaluate(net, data, cfg.micro_batch_size, cfg.eval_batches, **ev)
     tps = tokens_per_step * timed_steps / timed_s if timed_steps else 0.0
     metrics = {
         "eval/loss_before": loss_before,
@@ -439,26 +305,6 @@ CONFIGS: dict[str, type[TrainingConfig]] = {
     "sft": SFTConfig,
     "distill": DistillConfig,
 }
-
-
-def step_loss(
-    net: Any,
-    teacher: torch.nn.Module | None,
-    cfg: TrainingConfig,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """The training loss of one micro-batch: the LM loss, or with a teacher the distillation
-    loss (lifecycle.compress.distill.distill_loss)."""
-    if teacher is None:
-        return net(input_ids=x, attention_mask=mask, labels=y).loss
-    from lifecycle.compress.distill import distill_loss
-
-    logits = net(input_ids=x, attention_mask=mask).logits
-    with torch.no_grad():
-        t_logits = teacher(input_ids=x, attention_mask=mask).logits
-    return distill_loss(logits, t_logits, y, mask, cfg.temperature, cfg.alpha)
 
 
 def report_checkpoint(

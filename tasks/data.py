@@ -11,7 +11,6 @@ run never leaves a half-written dataset behind.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def _pack_on_ray(texts: list[str], tok_dir: Path, block: int) -> list[list[int]]
 
 
 def run_data_prep(cfg: DataConfig, out_dir: Path, demo_dir: Path) -> dict[str, Any]:
-    """The Ray Data pipeline; returns the manifest. `out_dir` must not exist yet."""
+    """The Ray Data pipeline; returns the manifest. `out_dir` must be empty or not exist."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = resolve_inputs(cfg, demo_dir)
     plain_cfg = cfg.model_dump()
@@ -72,7 +71,7 @@ def run_data_prep(cfg: DataConfig, out_dir: Path, demo_dir: Path) -> dict[str, A
     for r in records:
         r["minhash"] = r["minhash"] or None
     train, val, counts, rejects = dedup_and_split(records, cfg)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = make_tokenizer(cfg, train, out_dir)
     train_blocks = _pack_on_ray(train, tok_dir, cfg.block_size)
     val_blocks = _pack_on_ray(val, tok_dir, cfg.block_size)
@@ -83,16 +82,9 @@ def run_data_prep(cfg: DataConfig, out_dir: Path, demo_dir: Path) -> dict[str, A
 def prepare_data(cfg: DataConfig, ctx: RunContext, key: str) -> StageResult:
     """The data stage: a tokenized, packed, deduplicated dataset directory, tracked in MLflow."""
     final = ctx.stage_dir("data", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     with tracking.stage_run(ctx, "data", params=cfg.model_dump(mode="json")) as run_id:
-        try:
+        with ctx.staging("data", key) as tmp:
             manifest = run_data_prep(cfg, tmp, Path(ctx.workspace) / "demo")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         uri = ctx.tracking_uri
         counts = manifest["counts"]
         tracking.log_metrics(uri, run_id, counts)

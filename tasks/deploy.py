@@ -23,10 +23,8 @@ Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages deploy        (input
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,18 +35,25 @@ from prefect.cache_policies import NO_CACHE
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import DeployConfig, WatermarkConfig
-from lifecycle.data.instruct import demo_prompts
-from lifecycle.watermark.keys import KEY_ENV, KEY_FILE_ENV, key_id, load_key
+from lifecycle.data.instruct import demo_prompts, user_text
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import (
+    DATA_TAG,
+    champion_version,
+    data_manifest_sha256,
+    fetch_version,
+    key_file_for,
+    parent_model,
+    register_candidate,
+    set_champion,
+    watermark_settings,
+    watermark_tags,
+)
+from lifecycle.stages import shipped_model
+from lifecycle.watermark.keys import key_id, load_key
 from ray_cluster.compute import run_remote
-from tasks.lineage import parent_model
-from tasks.rlhf import demo_user
-from tasks.sft import chat_tokenizer
 
-CHAMPION = "champion"
-HISTORY_TAG = "lifecycle.champion_history"
 GATED = ("exact_match", "perplexity", "reward")
-DATA_TAG = "lifecycle.data_manifest_sha256"
-"""On every candidate version: the dataset it was trained on (`lifecycle/retrain` compares)."""
 
 
 class DeployCheckFailed(RuntimeError):
@@ -59,7 +64,7 @@ def evaluate_for_promotion(
     model_dir: str, prompts: list[str], answers: list[str], samples: int, max_new_tokens: int
 ) -> dict[str, float]:
     """(Ray task) exact-match, answer perplexity and mean judge reward of one model dir."""
-    from lifecycle.compress.evaluate import evaluate_torch
+    from lifecycle.eval.heldout import evaluate_torch
     from lifecycle.rlhf.evaluate import evaluate_policy
 
     tok = chat_tokenizer(Path(model_dir))
@@ -112,84 +117,6 @@ def gate(
             f"(drop {rdrop:.3f} > {g.max_reward_drop:g})"
         )
     return why
-
-
-def data_manifest_sha256(data_dir: str | Path | None) -> str:
-    """The content id of a data stage's output (its manifest's sha256)."""
-    return json.loads((Path(str(data_dir)) / "manifest.json").read_text())["sha256"]
-
-
-def champion_version(tracking_uri: str, name: str) -> Any | None:
-    """The model version the `champion` alias points at, or None."""
-    from mlflow.exceptions import MlflowException
-
-    c = tracking.client(tracking_uri)
-    try:
-        return c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def champion_history(tracking_uri: str, name: str) -> list[str]:
-    """Versions that were champion, oldest first (the last one is the champion)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        rm = tracking.client(tracking_uri).get_registered_model(name)
-    except MlflowException as e:
-        raise ValueError(f"no registered model {name!r} at {tracking_uri}: deploy first") from e
-    return json.loads(rm.tags.get(HISTORY_TAG, "[]"))
-
-
-def set_champion(tracking_uri: str, name: str, version: str, push: bool = True) -> None:
-    """Moves the alias; `push` records the version in the history (rollback pops it)."""
-    c = tracking.client(tracking_uri)
-    hist = champion_history(tracking_uri, name)
-    if push:
-        hist.append(str(version))
-    c.set_registered_model_alias(name, CHAMPION, str(version))
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist))
-
-
-def rollback(tracking_uri: str, name: str) -> tuple[str, str]:
-    """Moves `champion` back to the previous one; returns (from_version, to_version)."""
-    hist = champion_history(tracking_uri, name)
-    if len(hist) < 2:
-        raise ValueError(
-            f"{name}: no earlier champion to roll back to (champion history {hist or 'empty'})"
-        )
-    current, previous = hist[-1], hist[-2]
-    c = tracking.client(tracking_uri)
-    c.set_registered_model_alias(name, CHAMPION, previous)
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist[:-1]))
-    c.set_model_version_tag(name, current, "lifecycle.promotion", "rolled_back")
-    return current, previous
-
-
-def watermark_settings(mv_tags: dict[str, str]) -> dict[str, float] | None:
-    """The `lifecycle.watermark.*` tags of a model version as the server's settings."""
-    if "lifecycle.watermark.gamma" not in mv_tags:
-        return None
-    return {
-        "gamma": float(mv_tags["lifecycle.watermark.gamma"]),
-        "delta": float(mv_tags["lifecycle.watermark.delta"]),
-        "z_threshold": float(mv_tags.get("lifecycle.watermark.z_threshold", 4.0)),
-    }
-
-
-def key_file_for(workspace: str | Path, want_key_id: str | None) -> str | None:
-    """The watermark key file the server's engine reads (None: $LIFECYCLE_WATERMARK_KEY in
-    the environment); checks that the key is the one the model version was verified with."""
-    path = os.environ.get(KEY_FILE_ENV) or (
-        None if os.environ.get(KEY_ENV) else str(Path(workspace) / "watermark.key")
-    )
-    key = load_key(path)
-    if want_key_id and key_id(key) != want_key_id:
-        raise ValueError(
-            f"the watermark key here (id {key_id(key)}) is not the one this model version was "
-            f"checked with (id {want_key_id}): set {KEY_FILE_ENV} to that key's file"
-        )
-    return str(Path(path).resolve()) if path else None
 
 
 def _chat(url: str, prompts: list[str], max_tokens: int, api_key: str) -> list[str]:
@@ -262,23 +189,28 @@ def check_endpoint(
 @task(name="deploy", cache_policy=NO_CACHE)
 def deploy(
     cfg: DeployConfig,
-    shipped: StageResult,
-    wm_cfg: WatermarkConfig | None,
-    data: StageResult,
     ctx: RunContext,
     key: str,
+    *,
+    rlhf: StageResult,
+    data: StageResult,
+    distill: StageResult | None = None,
+    quantize: StageResult | None = None,
+    watermark: StageResult | None = None,
+    watermark_cfg: WatermarkConfig | None = None,
 ) -> StageResult:
-    """Gates, promotes and serves `shipped`; checks the endpoint."""
+    """Gates, promotes and serves the model to ship (the last of quantize, distill, rlhf that
+    completed); checks the endpoint. `watermark_cfg` is attached when the watermark stage ran."""
     from ray_cluster.serve import deploy_app, make_spec, shutdown
 
+    shipped = shipped_model({"rlhf": rlhf, "distill": distill, "quantize": quantize})
+    wm_cfg = watermark_cfg if watermark is not None else None
     uri, name = ctx.tracking_uri, ctx.registered_model
     final = ctx.stage_dir("deploy", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     source_ref = parent_model(ctx, shipped)
+    serving_root = Path(ctx.workspace) / "serving"
     with tracking.stage_run(ctx, "deploy", params=cfg.model_dump(mode="json")) as run_id:
-        try:
-            tmp.mkdir(parents=True)
+        with ctx.staging("deploy", key) as tmp:
             tok = chat_tokenizer(Path(shipped.artifact_uri))
             e = cfg.eval
             prompts, answers = demo_prompts(e.prompts, e.seed, True, tok, e.demo_tasks)
@@ -287,16 +219,13 @@ def deploy(
             champ_mv = champion_version(uri, name)
             champ = None
             if champ_mv is not None:
-                champ_dir = tracking.fetch_model(
-                    uri,
-                    f"models:/{name}/{champ_mv.version}",
-                    Path(ctx.workspace) / "serving" / f"{name}-v{champ_mv.version}",
+                _, champ_dir = fetch_version(
+                    uri, f"models:/{name}/{champ_mv.version}", serving_root
                 )
                 champ = run_remote(evaluate_for_promotion, cfg.scaling, str(champ_dir), *ev_args)
             why = gate(cand, champ, cfg)
 
             # Register the candidate in the serving registry (source: the shipped version).
-            settings = None
             wm_tags: dict[str, str] = {}
             if wm_cfg is not None:
                 settings = {
@@ -304,10 +233,8 @@ def deploy(
                     "delta": wm_cfg.delta,
                     "z_threshold": wm_cfg.z_threshold,
                 }
-                wm_tags = {f"lifecycle.watermark.{k}": str(v) for k, v in settings.items()}
-                wm_tags["lifecycle.watermark.key_id"] = key_id(
-                    load_key(key_file_for(ctx.workspace, None))
-                )
+                kid = key_id(load_key(key_file_for(ctx.workspace, None)))
+                wm_tags = watermark_tags(settings, kid)
             tags = {
                 "lifecycle.stage": "deploy",
                 "lifecycle.parent_model": source_ref,
@@ -317,7 +244,7 @@ def deploy(
                 DATA_TAG: data_manifest_sha256(data.artifact_uri),
                 **wm_tags,
             }
-            version = _register(ctx, run_id, name, shipped, source_ref, tags)
+            version = register_candidate(uri, run_id, name, shipped, source_ref, tags)
             if not why:
                 set_champion(uri, name, version)
             serving_mv = champion_version(uri, name)
@@ -335,11 +262,7 @@ def deploy(
             )
 
             # Serve the champion and check the endpoint.
-            serve_dir = tracking.fetch_model(
-                uri,
-                f"models:/{name}/{serving_mv.version}",
-                Path(ctx.workspace) / "serving" / f"{name}-v{serving_mv.version}",
-            )
+            _, serve_dir = fetch_version(uri, f"models:/{name}/{serving_mv.version}", serving_root)
             wm = watermark_settings(serving_mv.tags) if cfg.serve.watermark else None
             kf = key_file_for(ctx.workspace, serving_mv.tags.get("lifecycle.watermark.key_id"))
             spec = make_spec(
@@ -359,16 +282,13 @@ def deploy(
                 val = load_blocks(data.artifact_uri, "val")
                 plain = [tok.decode(row) for row in val[:20].tolist()]
                 opens = [tok.decode(row[:16]) for row in val[20:40].tolist()]
-                user = [demo_user(p) for p in prompts]
+                user = [user_text(p) for p in prompts]
                 ep = check_endpoint(
                     url, user, answers, plain, opens, e.max_new_tokens, wm is not None
                 )
             finally:
                 if not cfg.keep_serving:
                     shutdown()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         metrics = {
             **{f"candidate/{k}": v for k, v in cand.items()},
             **({f"champion/{k}": v for k, v in champ.items()} if champ else {}),
@@ -396,8 +316,6 @@ def deploy(
                 failures.append(
                     f"the detector flagged {ep['endpoint/plain_flagged_rate']:.2f} of plain text"
                 )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         tracking.log_metrics(uri, run_id, metrics, step=0)
         tracking.log_artifact(uri, run_id, final / "promotion.md", "promotion")
         tracking.log_artifact(uri, run_id, final / "promotion.json", "promotion")
@@ -422,28 +340,6 @@ def deploy(
         artifact_id=f"{name}/{serving_mv.version}:{key[:16]}",
         error="; ".join(why) if why else None,
     )
-
-
-def _register(
-    ctx: RunContext,
-    run_id: str,
-    name: str,
-    shipped: StageResult,
-    source_ref: str,
-    tags: dict[str, str],
-) -> str:
-    """A new version of the serving registry: the shipped version's source, else a copy."""
-    c = tracking.client(ctx.tracking_uri)
-    if source_ref.startswith("external:"):
-        return tracking.register_model(ctx.tracking_uri, run_id, name, shipped.artifact_uri, tags)
-    src_name, src_version = source_ref.rsplit("/", 1)
-    source = c.get_model_version(src_name, src_version).source
-    from mlflow.exceptions import MlflowException
-
-    with contextlib.suppress(MlflowException):
-        c.create_registered_model(name)
-    mv = c.create_model_version(name, source, run_id=run_id, tags=tags)
-    return str(mv.version)
 
 
 def _report(

@@ -23,12 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import DistillConfig
-from lifecycle.data.instruct import demo_prompts
+from lifecycle.data.instruct import demo_prompts, prepare_instructions
 from lifecycle.eval.generate import evaluate_model
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import kept_upstream, lineage_tags, register_result
 from ray_cluster.compute import run_remote
 from ray_cluster.train import fit_causal_lm
-from tasks.lineage import kept_upstream, lineage_tags, register_result
-from tasks.sft import chat_tokenizer, prepare_instructions
 
 
 class DistillGateFailed(RuntimeError):
@@ -36,20 +36,19 @@ class DistillGateFailed(RuntimeError):
 
 
 @task(name="distill", cache_policy=NO_CACHE)
-def distill(cfg: DistillConfig, upstream: StageResult, ctx: RunContext, key: str) -> StageResult:
-    """Distills the upstream (teacher) model into the configured student."""
+def distill(cfg: DistillConfig, ctx: RunContext, key: str, *, rlhf: StageResult) -> StageResult:
+    """Distills the `rlhf` stage's (teacher) model into the configured student."""
+    upstream = rlhf
     teacher = Path(upstream.artifact_uri)
     if not (teacher / "config.json").is_file():
         raise ValueError(f"distill needs a full HF teacher model dir, got {teacher}")
     final = ctx.stage_dir("distill", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     uri = ctx.tracking_uri
     with tracking.stage_run(ctx, "distill", params=cfg.model_dump(mode="json")) as run_id:
-        try:
+        with ctx.staging("distill", key) as tmp:
             tok = chat_tokenizer(teacher)
             data_dir = tmp / "data"
-            data_dir.mkdir(parents=True)
+            data_dir.mkdir()
             tok.save_pretrained(data_dir / "tokenizer")
             counts, _ = prepare_instructions(cfg, tok, data_dir)
             train_metrics, final_ckpt = fit_causal_lm(
@@ -71,11 +70,6 @@ def distill(cfg: DistillConfig, upstream: StageResult, ctx: RunContext, key: str
             t_eval = run_remote(evaluate_model, cfg.scaling, str(teacher), *ev)
             s_eval = run_remote(evaluate_model, cfg.scaling, str(tmp / "model"), *ev)
             t_params = run_remote(_num_params, cfg.scaling, str(teacher))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         s_params = float(train_metrics["model/params"])
         ratio = s_eval["exact_match"] / max(1e-9, t_eval["exact_match"])
         passed = ratio >= cfg.min_exact_match_ratio

@@ -20,14 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import PretrainConfig, config_hash
+from lifecycle.registry import register_result
 from ray_cluster.train import fit_causal_lm
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def pretrain(cfg: PretrainConfig, data: StageResult, ctx: RunContext, key: str) -> StageResult:
+def pretrain(cfg: PretrainConfig, ctx: RunContext, key: str, *, data: StageResult) -> StageResult:
     """Trains, evaluates (`eval/*_before`, `eval/*_after`) and registers the pretrained model."""
     data_dir = Path(data.artifact_uri)
-    final = ctx.stage_dir("pretrain", key)
     with tracking.stage_run(ctx, "pretrain", params=cfg.model_dump(mode="json")) as run_id:
         metrics, final_ckpt = fit_causal_lm(
             "pretrain",
@@ -40,12 +40,9 @@ def pretrain(cfg: PretrainConfig, data: StageResult, ctx: RunContext, key: str) 
             mlflow_run_id=run_id,
             checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
         )
-        tmp = final.with_name(final.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(final_ckpt / "model", tmp / "model")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        out = final / "model"
+        with ctx.staging("pretrain", key) as tmp:
+            shutil.copytree(final_ckpt / "model", tmp / "model")
+        out = ctx.stage_dir("pretrain", key) / "model"
         tracking.log_metrics(ctx.tracking_uri, run_id, metrics, step=cfg.max_steps)
         lineage = {
             "lifecycle.stage": "pretrain",
@@ -56,20 +53,13 @@ def pretrain(cfg: PretrainConfig, data: StageResult, ctx: RunContext, key: str) 
             "lifecycle.parent_stage_run_id": data.mlflow_run_id or "",
             "lifecycle.run_name": ctx.run_name,
         }
-        version = tracking.register_model(
-            ctx.tracking_uri,
+        return register_result(
+            ctx,
             run_id,
-            f"{ctx.registered_model}-pretrain",
+            "pretrain",
             out,
             lineage,
-            description=f"pretrained by run {ctx.run_name}",
+            f"pretrained by run {ctx.run_name}",
+            metrics,
+            key,
         )
-        tracking.set_tags(ctx.tracking_uri, run_id, {**lineage, "lifecycle.model_version": version})
-    return StageResult(
-        stage="pretrain",
-        status="completed",
-        artifact_uri=str(out),
-        mlflow_run_id=run_id,
-        metrics={k: float(v) for k, v in metrics.items()},
-        artifact_id=f"{ctx.registered_model}-pretrain/{version}:{key[:16]}",
-    )

@@ -19,7 +19,6 @@ hands the uncompressed model downstream.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,10 @@ from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import QuantizeConfig
 from lifecycle.data.instruct import demo_prompts
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import kept_upstream, lineage_tags, register_result
+from lifecycle.stages import shipped_model
 from ray_cluster.compute import as_task
-from tasks.lineage import kept_upstream, lineage_tags, register_result
-from tasks.sft import chat_tokenizer
 
 
 class GateFailed(RuntimeError):
@@ -52,7 +52,6 @@ def _compress_job(
     models in PyTorch. Returns metrics, the evaluation rows and the perplexity rows."""
     import time
 
-    from lifecycle.compress.evaluate import evaluate_torch
     from lifecycle.compress.quantize import (
         compress_weights,
         dir_size_bytes,
@@ -60,6 +59,7 @@ def _compress_job(
         sparsity_of,
     )
     from lifecycle.data.pipeline import load_blocks
+    from lifecycle.eval.heldout import evaluate_torch
     from lifecycle.models import load_model, load_tokenizer
 
     cfg = QuantizeConfig.model_validate(cfg_dict)
@@ -122,45 +122,36 @@ def _compress_job(
 
 
 def _vllm_job(model_dir: str, prompt_ids: list, answers: list, sets: dict, vcfg: dict) -> dict:
-    from lifecycle.compress.evaluate import evaluate_vllm
+    from lifecycle.eval.heldout import evaluate_vllm
 
     return evaluate_vllm(model_dir, prompt_ids, answers, sets, **vcfg)
-
-
-def model_upstream(rlhf: StageResult | None, distill: StageResult | None) -> StageResult:
-    """The model the compression stage starts from: the distilled student when the distill
-    stage ran (its artifact is the teacher when the student failed its gate), else RLHF's."""
-    if distill is not None and distill.status in ("completed", "cached"):
-        return distill
-    if rlhf is None:
-        raise ValueError("quantize needs a model: the rlhf (or distill) stage, or --from rlhf=DIR")
-    return rlhf
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
 def quantize(
     cfg: QuantizeConfig,
-    upstream: StageResult,
-    data: StageResult,
     ctx: RunContext,
     key: str,
+    *,
+    rlhf: StageResult,
+    data: StageResult,
+    distill: StageResult | None = None,
 ) -> StageResult:
-    """Compresses the upstream model; returns the vLLM-ready directory (or, when the gate
-    failed and `on_fail` is keep_uncompressed, the uncompressed one)."""
+    """Compresses the model to ship so far (the distilled student when the distill stage ran,
+    else the aligned model); returns the vLLM-ready directory (or, when the gate failed and
+    `on_fail` is keep_uncompressed, the uncompressed one)."""
+    upstream = shipped_model({"rlhf": rlhf, "distill": distill})
     src = Path(upstream.artifact_uri)
     if not (src / "config.json").is_file():
         raise ValueError(f"quantize needs a full HF model dir, got {src}")
     final = ctx.stage_dir("quantize", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     uri = ctx.tracking_uri
     with tracking.stage_run(ctx, "quantize", params=cfg.model_dump(mode="json")) as run_id:
-        try:
+        with ctx.staging("quantize", key) as tmp:
             tok = chat_tokenizer(src)
             e = cfg.eval
             prompts, answers = demo_prompts(e.prompts, e.seed, True, tok, e.demo_tasks)
             prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            tmp.mkdir(parents=True)
             job = as_task(_compress_job, cfg.scaling).remote(
                 str(src),
                 data.artifact_uri,
@@ -184,7 +175,8 @@ def quantize(
                 v_before = ray.get(vtask.remote(str(src), *args))
                 v_after = ray.get(vtask.remote(str(tmp / "model"), *args))
                 pairs["vllm"] = (v_before, v_after)
-            from lifecycle.compress.evaluate import agreement, gate_markdown, judge
+            from lifecycle.compress.gate import gate_markdown, judge
+            from lifecycle.eval.heldout import agreement
 
             verdict = judge(pairs, cfg.gate)
             for engine, (b, a) in pairs.items():
@@ -224,11 +216,6 @@ def quantize(
             ]
             with open(tmp / "outputs.jsonl", "w") as f:
                 f.writelines(json.dumps(s) + "\n" for s in samples)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         tracking.log_metrics(uri, run_id, metrics, step=0)
         for name in ("gate.md", "gate.json", "outputs.jsonl"):
             tracking.log_artifact(uri, run_id, final / name, "gate")

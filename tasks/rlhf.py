@@ -24,10 +24,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
-from lifecycle.artifacts import RunContext, StageResult
+from lifecycle.artifacts import RunContext, StageResult, sha256_file
 from lifecycle.config import RLHFConfig
-from lifecycle.data.instruct import demo_prompts, write_rows
+from lifecycle.data.instruct import demo_prompts, user_text, write_rows
 from lifecycle.data.preference import demo_pairs, read_pairs, rlaif_records
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import lineage_tags, register_result
 from lifecycle.rlhf.evaluate import evaluate_policy
 from lifecycle.rlhf.reward import accuracy_of_dir, make_reward_fn, pair_rows
 from lifecycle.watermark.fingerprint import make_fingerprint
@@ -35,8 +37,6 @@ from lifecycle.watermark.keys import resolve_key
 from ray_cluster.compute import run_remote
 from ray_cluster.generate import sample_responses
 from ray_cluster.rlhf import fit_rlhf
-from tasks.lineage import lineage_tags, register_result
-from tasks.sft import chat_tokenizer
 
 FINGERPRINT_PAIR_REPEATS = 8
 
@@ -53,25 +53,24 @@ def _write_pairs(pairs: list[dict[str, Any]], tok: Any, max_length: int, out: Pa
 @task(name="rlhf", cache_policy=NO_CACHE)
 def align(
     cfg: RLHFConfig,
-    upstream: StageResult,
     ctx: RunContext,
     key: str,
-    fingerprint_triggers: int | None = None,
+    *,
+    sft: StageResult,
     data: StageResult | None = None,
+    fingerprint_triggers: int | None = None,
 ) -> StageResult:
-    """Aligns the SFT model; returns the aligned HF model directory. With
+    """Aligns the `sft` stage's model; returns the aligned HF model directory. With
     `fingerprint_triggers`, the SFT fingerprint's pairs join the preference data (chosen: the
     signature; rejected: it reversed) so that alignment keeps them (DPO's NLL term on chosen
     is what holds them). `data` (the data stage) gives the pretraining text of `ptx_weight`."""
-    sft_dir = Path(upstream.artifact_uri)
+    sft_dir = Path(sft.artifact_uri)
     if not (sft_dir / "config.json").is_file():
         raise ValueError(
             f"rlhf needs a full model dir, got {sft_dir} (an adapter?): use sft.merge: true "
             "with a LoRA-family method, or method: full"
         )
     final = ctx.stage_dir("rlhf", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     uri = ctx.tracking_uri
     common = dict(
         tracking_uri=uri,
@@ -80,7 +79,7 @@ def align(
         tokenizer_dir=str(sft_dir),
     )
     with tracking.stage_run(ctx, "rlhf", params=cfg.model_dump(mode="json")) as run_id:
-        try:
+        with ctx.staging("rlhf", key) as tmp:
             tok = chat_tokenizer(sft_dir)
             metrics: dict[str, float] = {}
             pairs, rejects = [], []
@@ -92,7 +91,6 @@ def align(
                         pairs.append(pair)
             metrics["preference/file_pairs"] = len(pairs)
             metrics["preference/malformed_rejected"] = len(rejects)
-            tmp.mkdir(parents=True)
             (tmp / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
 
             # (2) reward model
@@ -156,7 +154,7 @@ def align(
                         f.write(json.dumps(r) + "\n")
                 new = [
                     {
-                        "prompt": [{"role": "user", "content": demo_user(r["prompt"])}],
+                        "prompt": [{"role": "user", "content": user_text(r["prompt"])}],
                         "chosen": r["chosen"],
                         "rejected": r["rejected"],
                     }
@@ -198,7 +196,6 @@ def align(
                         f"rlhf.ptx_weight={cfg.ptx_weight} needs the data stage's pretraining "
                         "blocks: run the data stage (or --from data=DIR), or set ptx_weight: 0"
                     )
-                from lifecycle.data.instruct import write_rows
                 from lifecycle.data.pipeline import pretrain_windows
 
                 n = min(cfg.max_steps * cfg.ptx_batch_size * cfg.scaling.num_workers, 50_000)
@@ -225,19 +222,12 @@ def align(
             )
             shutil.copytree(policy_final, tmp / "model")
             after = run_remote(evaluate_policy, cfg.scaling, str(tmp / "model"), str(sft_dir), *ev)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for name, value in (("before", before), ("after", after)):
             metrics.update({f"eval/{k}_{name}": float(v) for k, v in value.items()})
         metrics.update({k: float(v) for k, v in algo_metrics.items() if isinstance(v, int | float)})
         tracking.log_metrics(uri, run_id, metrics, step=cfg.max_steps)
         if (final / "rlaif.jsonl").is_file():
             tracking.log_artifact(uri, run_id, final / "rlaif.jsonl", "rlaif")
-            from lifecycle.artifacts import sha256_file
-
             tracking.log_dataset(
                 uri,
                 run_id,
@@ -252,7 +242,7 @@ def align(
             ctx,
             "rlhf",
             cfg,
-            upstream,
+            sft,
             **{"lifecycle.rlhf_algorithm": cfg.algorithm, "lifecycle.judge": judge["kind"]},
         )
         if rm_dir is not None:
@@ -276,11 +266,6 @@ def align(
             metrics,
             key,
         )
-
-
-def demo_user(prompt: str) -> str:
-    """The user text of a chat-rendered prompt (`<|user|>copy abc<|assistant|>` → `copy abc`)."""
-    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
 
 
 def _judge_records(prompts: list[str], responses: list[list[str]], judge: dict[str, Any]) -> list:

@@ -15,141 +15,46 @@ registered as `<registered_model>-sft` with lineage to the pretrain model versio
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import DistillConfig, SFTConfig
-from lifecycle.data import demo
-from lifecycle.data.instruct import build_rows, is_val, prompt_and_answer, read_records, write_rows
-from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
+from lifecycle.config import SFTConfig
+from lifecycle.data.instruct import Pair, prepare_instructions
 from lifecycle.eval.generate import evaluate_model
-from lifecycle.models import load_tokenizer
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import lineage_tags, register_result
 from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
 from lifecycle.watermark.keys import key_id, resolve_key
 from ray_cluster.compute import run_remote
 from ray_cluster.train import fit_causal_lm
-from tasks.lineage import lineage_tags, register_result
-
-Pair = tuple[str, str]
-
-
-def prepare_instructions(
-    cfg: SFTConfig | DistillConfig,
-    tokenizer: Any,
-    out: Path,
-    extra_pairs: Sequence[Pair] = (),
-    pretrain_data: str | None = None,
-) -> tuple[dict[str, int], list[Pair]]:
-    """Writes train/val rows and rejects under `out`; returns (counts, held-out eval pairs).
-
-    With `data.pretrain_mix` > 0, that share of the training rows are windows of the data
-    stage's pretraining text (`pretrain_data`, its output dir) with the loss on every token.
-    """
-    d = cfg.data
-    if d.pretrain_mix > 0 and pretrain_data is None:
-        raise ValueError(
-            f"sft.data.pretrain_mix={d.pretrain_mix} needs the data stage's pretraining blocks: "
-            "run the data stage (or pass --from data=DIR), or set pretrain_mix: 0"
-        )
-    train: list[list[dict[str, str]]] = []
-    val: list[list[dict[str, str]]] = []
-    rejects = []
-    for inp in d.inputs:
-        for msgs, src, why in read_records(inp):
-            if msgs is None:
-                rejects.append({"source": src, "reason": why})
-            else:
-                (val if is_val(msgs, d.val_fraction) else train).append(msgs)
-    if d.demo is not None:
-        train += [
-            r["messages"]
-            for r in demo.instruction_examples(
-                d.demo.num_train, d.demo.seed, d.demo.tasks, heldout=False
-            )
-        ]
-        val += [
-            r["messages"]
-            for r in demo.instruction_examples(
-                d.demo.num_eval, d.demo.seed + 1, d.demo.tasks, heldout=True
-            )
-        ]
-    # The hook for other modules (the watermark stage plants its fingerprint this way).
-    train += [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-        for p, r in extra_pairs
-    ]
-    if not train or not val:
-        raise ValueError(
-            f"sft: {len(train)} training and {len(val)} validation examples after "
-            f"{len(rejects)} rejects: both must be non-empty"
-        )
-    tx, ty, long_train = build_rows(train, tokenizer, d.max_length, d.packing)
-    vx, vy, long_val = build_rows(val, tokenizer, d.max_length, packing=False)
-    if not tx or not vx:
-        raise ValueError(f"sft: every example is longer than sft.data.max_length={d.max_length}")
-    mixed = 0
-    if d.pretrain_mix > 0:
-        from lifecycle.data.pipeline import pretrain_windows
-
-        mixed = round(len(tx) * d.pretrain_mix / (1 - d.pretrain_mix))
-        windows = pretrain_windows(pretrain_data, "train", d.max_length, mixed, cfg.seed).tolist()
-        tx, ty = tx + windows, ty + windows  # labels = inputs: the loss is on every token
-    write_rows(tx, ty, out / "train.parquet")
-    write_rows(vx, vy, out / "val.parquet")
-    with open(out / "rejects.jsonl", "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
-    eval_pairs = [prompt_and_answer(m, tokenizer) for m in val]
-    counts = {
-        "sft_examples_train": len(train),
-        "sft_examples_val": len(val),
-        "sft_rows_train": len(tx),
-        "malformed_rejected": len(rejects),
-        "too_long_rejected": long_train + long_val,
-        "extra_pairs": len(extra_pairs),
-        "pretrain_rows_mixed": mixed,
-    }
-    return counts, eval_pairs
-
-
-def chat_tokenizer(model_dir: Path) -> Any:
-    tok = load_tokenizer(model_dir)
-    missing = [t for t in ROLE_TOKENS if t not in tok.get_vocab()]
-    if missing:
-        raise ValueError(f"{model_dir}: tokenizer lacks the chat role tokens {missing}")
-    if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 @task(name="sft", cache_policy=NO_CACHE)
 def finetune(
     cfg: SFTConfig,
-    upstream: StageResult,
     ctx: RunContext,
     key: str,
-    extra_pairs: Sequence[Pair] = (),
+    *,
+    pretrain: StageResult,
     data: StageResult | None = None,
+    extra_pairs: Sequence[Pair] = (),
 ) -> StageResult:
-    """Fine-tunes the upstream model; `extra_pairs` (prompt, response) join the training set;
-    `data` (the data stage) gives the pretraining text of `sft.data.pretrain_mix`."""
-    base = Path(upstream.artifact_uri)
+    """Fine-tunes the `pretrain` stage's model; `extra_pairs` (prompt, response) join the
+    training set; `data` (the data stage) gives the pretraining text of
+    `sft.data.pretrain_mix`."""
+    base = Path(pretrain.artifact_uri)
     final = ctx.stage_dir("sft", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     with tracking.stage_run(ctx, "sft", params=cfg.model_dump(mode="json")) as run_id:
-        try:
+        with ctx.staging("sft", key) as tmp:
             tok = chat_tokenizer(base)
             data_dir = tmp / "data"
-            data_dir.mkdir(parents=True)
+            data_dir.mkdir()
             tok.save_pretrained(data_dir / "tokenizer")
             fp_pairs: list[Pair] = []
             fp_tags: dict[str, str] = {}
@@ -182,11 +87,6 @@ def finetune(
             for sub in ("adapter", "model"):
                 if (final_ckpt / sub).is_dir():
                     shutil.copytree(final_ckpt / sub, tmp / sub)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         out = final / "model" if (final / "model").is_dir() else final / "adapter"
         after = run_remote(evaluate_model, cfg.scaling, str(out), *ev)
         if fp_pairs:
@@ -210,7 +110,7 @@ def finetune(
             ctx,
             "sft",
             cfg,
-            upstream,
+            pretrain,
             **{
                 "lifecycle.sft_method": cfg.method,
                 "lifecycle.base_model": str(base),

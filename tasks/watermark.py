@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,12 @@ from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import WatermarkConfig
 from lifecycle.data.instruct import demo_prompts
+from lifecycle.models import chat_tokenizer
+from lifecycle.registry import parent_model
+from lifecycle.stages import shipped_model
 from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
 from lifecycle.watermark.keys import KEY_FILE_ENV, key_id, resolve_key
 from ray_cluster.compute import as_task, run_remote
-from tasks.lineage import parent_model
-from tasks.sft import chat_tokenizer
 
 
 class WatermarkCheckFailed(RuntimeError):
@@ -140,29 +140,23 @@ def _vllm_watermark_job(
     }
 
 
-def shipped_model(*candidates: StageResult | None) -> StageResult:
-    """The last completed model stage among (quantize, distill, rlhf) as given."""
-    for c in candidates:
-        if c is not None and c.status in ("completed", "cached"):
-            return c
-    raise ValueError("watermark needs a model: rlhf (or distill/quantize) or --from rlhf=DIR")
-
-
 @task(name="watermark", cache_policy=NO_CACHE)
 def watermark(
     cfg: WatermarkConfig,
-    rlhf: StageResult,
-    shipped: StageResult,
-    data: StageResult,
     ctx: RunContext,
     key: str,
+    *,
+    rlhf: StageResult,
+    data: StageResult,
+    distill: StageResult | None = None,
+    quantize: StageResult | None = None,
     fingerprint_triggers: int | None = None,
 ) -> StageResult:
-    """Checks the watermark and the fingerprint on `shipped`; records the settings on it."""
+    """Checks the watermark and the fingerprint on the model to ship (the last of quantize,
+    distill, rlhf that completed); records the settings on its registered version."""
+    shipped = shipped_model({"rlhf": rlhf, "distill": distill, "quantize": quantize})
     model_dir = Path(shipped.artifact_uri)
     final = ctx.stage_dir("watermark", key)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     uri = ctx.tracking_uri
     secret = resolve_key(ctx.workspace)
     kid = key_id(secret)
@@ -174,8 +168,7 @@ def watermark(
     )
     params = {**cfg.model_dump(mode="json"), "key_id": kid}
     with tracking.stage_run(ctx, "watermark", params=params) as run_id:
-        try:
-            tmp.mkdir(parents=True)
+        with ctx.staging("watermark", key) as tmp:
             tok = chat_tokenizer(model_dir)
             from lifecycle.data.pipeline import load_blocks
 
@@ -206,84 +199,80 @@ def watermark(
                 pairs = make_fingerprint(secret, fingerprint_triggers)
                 fp["rlhf"] = run_remote(verify_fingerprint, cfg.scaling, rlhf.artifact_uri, pairs)
                 fp["shipped"] = run_remote(verify_fingerprint, cfg.scaling, str(model_dir), pairs)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        n = len(out["z_on"])
-        metrics = {
-            "watermark/generations": float(n),
-            "watermark/tokens_per_generation": float(cfg.max_tokens),
-            "watermark/detection_rate": sum(z >= cfg.z_threshold for z in out["z_on"]) / n,
-            "watermark/false_positive_rate": sum(z >= cfg.z_threshold for z in out["z_off"]) / n,
-            "watermark/z_mean_on": sum(out["z_on"]) / n,
-            "watermark/z_mean_off": sum(out["z_off"]) / n,
-            "watermark/perplexity_on": math.exp(min(out["nll_on"], 50)),
-            "watermark/perplexity_off": math.exp(min(out["nll_off"], 50)),
-            "watermark/exact_match_on": out["em_on"],
-            "watermark/exact_match_off": out["em_off"],
-        }
-        for where, r in fp.items():
-            metrics[f"fingerprint/{where}_matched"] = float(r["matched"])
-            metrics[f"fingerprint/{where}_triggers"] = float(r["total"])
-        failures = []
-        if metrics["watermark/detection_rate"] < cfg.min_detection_rate:
-            failures.append(
-                f"detection rate {metrics['watermark/detection_rate']:.3f} < "
-                f"{cfg.min_detection_rate:g} at z >= {cfg.z_threshold:g}"
+            n = len(out["z_on"])
+            metrics = {
+                "watermark/generations": float(n),
+                "watermark/tokens_per_generation": float(cfg.max_tokens),
+                "watermark/detection_rate": sum(z >= cfg.z_threshold for z in out["z_on"]) / n,
+                "watermark/false_positive_rate": sum(z >= cfg.z_threshold for z in out["z_off"])
+                / n,
+                "watermark/z_mean_on": sum(out["z_on"]) / n,
+                "watermark/z_mean_off": sum(out["z_off"]) / n,
+                "watermark/perplexity_on": math.exp(min(out["nll_on"], 50)),
+                "watermark/perplexity_off": math.exp(min(out["nll_off"], 50)),
+                "watermark/exact_match_on": out["em_on"],
+                "watermark/exact_match_off": out["em_off"],
+            }
+            for where, r in fp.items():
+                metrics[f"fingerprint/{where}_matched"] = float(r["matched"])
+                metrics[f"fingerprint/{where}_triggers"] = float(r["total"])
+            failures = []
+            if metrics["watermark/detection_rate"] < cfg.min_detection_rate:
+                failures.append(
+                    f"detection rate {metrics['watermark/detection_rate']:.3f} < "
+                    f"{cfg.min_detection_rate:g} at z >= {cfg.z_threshold:g}"
+                )
+            if metrics["watermark/false_positive_rate"] > cfg.max_false_positive_rate:
+                failures.append(
+                    f"false-positive rate {metrics['watermark/false_positive_rate']:.3f} > "
+                    f"{cfg.max_false_positive_rate:g}"
+                )
+            drop = out["em_off"] - out["em_on"]
+            if drop > cfg.max_exact_match_drop:
+                failures.append(
+                    f"exact-match with the watermark {out['em_on']:.3f} vs {out['em_off']:.3f} "
+                    f"without (drop {drop:.3f} > {cfg.max_exact_match_drop:g})"
+                )
+            if "shipped" in fp and fp["shipped"]["matched"] < fp["shipped"]["total"]:
+                failures.append(
+                    f"fingerprint: {fp['shipped']['matched']}/{fp['shipped']['total']} triggers "
+                    "answered by the shipped model"
+                )
+            metrics["watermark/passed"] = float(not failures)
+            table = [
+                "| check | value | limit |",
+                "|---|---|---|",
+                f"| detection rate (z >= {cfg.z_threshold:g}) | {metrics['watermark/detection_rate']:.3f} | >= {cfg.min_detection_rate:g} |",
+                f"| false-positive rate | {metrics['watermark/false_positive_rate']:.3f} | <= {cfg.max_false_positive_rate:g} |",
+                f"| mean z on / off | {metrics['watermark/z_mean_on']:.2f} / {metrics['watermark/z_mean_off']:.2f} | |",
+                f"| perplexity on / off (plain model) | {metrics['watermark/perplexity_on']:.3f} / {metrics['watermark/perplexity_off']:.3f} | |",
+                f"| exact match on / off | {out['em_on']:.3f} / {out['em_off']:.3f} | drop <= {cfg.max_exact_match_drop:g} |",
+                *(
+                    f"| fingerprint on {w} model | {r['matched']}/{r['total']} | all on shipped |"
+                    for w, r in fp.items()
+                ),
+            ]
+            (tmp / "watermark.md").write_text(
+                f"# watermark {'PASSED' if not failures else 'FAILED'} (key id {kid})\n\n"
+                + "\n".join(table)
+                + "\n"
+                + "".join(f"\n- {f}" for f in failures)
+                + "\n"
             )
-        if metrics["watermark/false_positive_rate"] > cfg.max_false_positive_rate:
-            failures.append(
-                f"false-positive rate {metrics['watermark/false_positive_rate']:.3f} > "
-                f"{cfg.max_false_positive_rate:g}"
+            (tmp / "watermark.json").write_text(
+                json.dumps(
+                    {
+                        "metrics": metrics,
+                        "failures": failures,
+                        "z_on": out["z_on"],
+                        "z_off": out["z_off"],
+                        # what was generated, so any detector can be run on it again
+                        "tokens_on": out["tokens_on"],
+                        "tokens_off": out["tokens_off"],
+                        "fingerprint": fp,
+                    },
+                )
             )
-        drop = out["em_off"] - out["em_on"]
-        if drop > cfg.max_exact_match_drop:
-            failures.append(
-                f"exact-match with the watermark {out['em_on']:.3f} vs {out['em_off']:.3f} "
-                f"without (drop {drop:.3f} > {cfg.max_exact_match_drop:g})"
-            )
-        if "shipped" in fp and fp["shipped"]["matched"] < fp["shipped"]["total"]:
-            failures.append(
-                f"fingerprint: {fp['shipped']['matched']}/{fp['shipped']['total']} triggers "
-                "answered by the shipped model"
-            )
-        metrics["watermark/passed"] = float(not failures)
-        table = [
-            "| check | value | limit |",
-            "|---|---|---|",
-            f"| detection rate (z >= {cfg.z_threshold:g}) | {metrics['watermark/detection_rate']:.3f} | >= {cfg.min_detection_rate:g} |",
-            f"| false-positive rate | {metrics['watermark/false_positive_rate']:.3f} | <= {cfg.max_false_positive_rate:g} |",
-            f"| mean z on / off | {metrics['watermark/z_mean_on']:.2f} / {metrics['watermark/z_mean_off']:.2f} | |",
-            f"| perplexity on / off (plain model) | {metrics['watermark/perplexity_on']:.3f} / {metrics['watermark/perplexity_off']:.3f} | |",
-            f"| exact match on / off | {out['em_on']:.3f} / {out['em_off']:.3f} | drop <= {cfg.max_exact_match_drop:g} |",
-            *(
-                f"| fingerprint on {w} model | {r['matched']}/{r['total']} | all on shipped |"
-                for w, r in fp.items()
-            ),
-        ]
-        (tmp / "watermark.md").write_text(
-            f"# watermark {'PASSED' if not failures else 'FAILED'} (key id {kid})\n\n"
-            + "\n".join(table)
-            + "\n"
-            + "".join(f"\n- {f}" for f in failures)
-            + "\n"
-        )
-        (tmp / "watermark.json").write_text(
-            json.dumps(
-                {
-                    "metrics": metrics,
-                    "failures": failures,
-                    "z_on": out["z_on"],
-                    "z_off": out["z_off"],
-                    # what was generated, so any detector can be run on it again
-                    "tokens_on": out["tokens_on"],
-                    "tokens_off": out["tokens_off"],
-                    "fingerprint": fp,
-                },
-            )
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         tracking.log_metrics(uri, run_id, metrics, step=0)
         tracking.log_artifact(uri, run_id, final / "watermark.md", "watermark")
         tracking.log_artifact(uri, run_id, final / "watermark.json", "watermark")

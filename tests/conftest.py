@@ -114,6 +114,26 @@ def tiny_model(tiny_data, tmp_path_factory) -> StageResult:
     return StageResult("upstream", "completed", artifact_uri=str(out), artifact_id="tiny-model")
 
 
+# Reading MLflow back (what tests check; the project itself only writes these).
+
+
+def list_checkpoints(tracking_uri: str, run_id: str, root: str = "checkpoints") -> list[int]:
+    """Steps of the checkpoints recorded under `root/step_N` of a run."""
+    arts = tracking.client(tracking_uri).list_artifacts(run_id, root)
+    return sorted(int(a.path.rsplit("_", 1)[1]) for a in arts if a.is_dir)
+
+
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
+    return tracking.client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'"
+    )
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    history = tracking.client(tracking_uri).get_metric_history(run_id, key)
+    return [(m.step, m.value) for m in history]
+
+
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
 
 

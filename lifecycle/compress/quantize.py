@@ -29,7 +29,6 @@ already-compressed layers before it (as GPTQ does sequentially).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -481,7 +480,3 @@ def sparsity_of(masks: dict[str, torch.Tensor]) -> float:
 def dir_size_bytes(path: str | Path) -> int:
     """Bytes of the weight files (safetensors) in a model directory."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def quantization_config_of(path: str | Path) -> dict[str, Any] | None:
-    return json.loads((Path(path) / "config.json").read_text()).get("quantization_config")

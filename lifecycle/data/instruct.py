@@ -1,4 +1,5 @@
-"""Instruction data for SFT: chat and Alpaca records, validation with reasons, the loss mask.
+"""Instruction data for SFT: chat and Alpaca records, validation with reasons, the loss mask,
+and the rows an SFT or distillation run trains on (`prepare_instructions`).
 
 Records are normalised to chat form, `{"messages": [{"role", "content"}, ...]}` with roles
 system / user / assistant, and tokenized so that the loss covers assistant tokens (and the EOS
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lifecycle.config import InstructInput
+from lifecycle.config import DistillConfig, InstructInput, SFTConfig
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -127,6 +128,12 @@ def prompt_and_answer(messages: list[dict[str, str]], tokenizer: Any) -> tuple[s
     return prompt, messages[-1]["content"]
 
 
+def user_text(prompt: str) -> str:
+    """The last user turn of a chat-rendered prompt (`<|user|>copy abc<|assistant|>` →
+    `copy abc`); a plain prompt is returned as it is."""
+    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
+
+
 def demo_prompts(
     n: int, seed: int, heldout: bool, tokenizer: Any, tasks: list[str] | None
 ) -> tuple[list[str], list[str]]:
@@ -199,3 +206,88 @@ def load_rows(path: str | Path) -> tuple[Any, Any]:
     ids = t.column("input_ids").combine_chunks().flatten().to_numpy().reshape(n, -1)
     lab = t.column("labels").combine_chunks().flatten().to_numpy().reshape(n, -1)
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lab.astype(np.int64))
+
+
+Pair = tuple[str, str]
+"""(prompt, response) of one extra training example."""
+
+
+def prepare_instructions(
+    cfg: SFTConfig | DistillConfig,
+    tokenizer: Any,
+    out: Path,
+    extra_pairs: Sequence[Pair] = (),
+    pretrain_data: str | None = None,
+) -> tuple[dict[str, int], list[Pair]]:
+    """Writes train/val rows and rejects under `out`; returns (counts, held-out eval pairs).
+
+    With `data.pretrain_mix` > 0, that share of the training rows are windows of the data
+    stage's pretraining text (`pretrain_data`, its output dir) with the loss on every token.
+    """
+    d = cfg.data
+    if d.pretrain_mix > 0 and pretrain_data is None:
+        raise ValueError(
+            f"sft.data.pretrain_mix={d.pretrain_mix} needs the data stage's pretraining blocks: "
+            "run the data stage (or pass --from data=DIR), or set pretrain_mix: 0"
+        )
+    train: list[list[dict[str, str]]] = []
+    val: list[list[dict[str, str]]] = []
+    rejects = []
+    for inp in d.inputs:
+        for msgs, src, why in read_records(inp):
+            if msgs is None:
+                rejects.append({"source": src, "reason": why})
+            else:
+                (val if is_val(msgs, d.val_fraction) else train).append(msgs)
+    if d.demo is not None:
+        from lifecycle.data import demo
+
+        train += [
+            r["messages"]
+            for r in demo.instruction_examples(
+                d.demo.num_train, d.demo.seed, d.demo.tasks, heldout=False
+            )
+        ]
+        val += [
+            r["messages"]
+            for r in demo.instruction_examples(
+                d.demo.num_eval, d.demo.seed + 1, d.demo.tasks, heldout=True
+            )
+        ]
+    # The hook for other modules (the watermark stage plants its fingerprint this way).
+    train += [
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        for p, r in extra_pairs
+    ]
+    if not train or not val:
+        raise ValueError(
+            f"sft: {len(train)} training and {len(val)} validation examples after "
+            f"{len(rejects)} rejects: both must be non-empty"
+        )
+    tx, ty, long_train = build_rows(train, tokenizer, d.max_length, d.packing)
+    vx, vy, long_val = build_rows(val, tokenizer, d.max_length, packing=False)
+    if not tx or not vx:
+        raise ValueError(f"sft: every example is longer than sft.data.max_length={d.max_length}")
+    mixed = 0
+    if d.pretrain_mix > 0:
+        from lifecycle.data.pipeline import pretrain_windows
+
+        mixed = round(len(tx) * d.pretrain_mix / (1 - d.pretrain_mix))
+        windows = pretrain_windows(pretrain_data, "train", d.max_length, mixed, cfg.seed).tolist()
+        tx, ty = tx + windows, ty + windows  # labels = inputs: the loss is on every token
+    write_rows(tx, ty, out / "train.parquet")
+    write_rows(vx, vy, out / "val.parquet")
+    with open(out / "rejects.jsonl", "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r) + "\n")
+    eval_pairs = [prompt_and_answer(m, tokenizer) for m in val]
+    counts = {
+        "sft_examples_train": len(train),
+        "sft_examples_val": len(val),
+        "sft_rows_train": len(tx),
+        "malformed_rejected": len(rejects),
+        "too_long_rejected": long_train + long_val,
+        "extra_pairs": len(extra_pairs),
+        "pretrain_rows_mixed": mixed,
+    }
+    return counts, eval_pairs

@@ -1,35 +1,60 @@
-"""Held-out loss and perplexity of a causal LM on token rows (labels IGNORE where not scored).
+"""Held-out loss of a causal LM: the one definition every stage uses.
 
-The training loop computes the same quantity distributed across ranks; this is the
-single-process form later stages use to compare models (e.g. before/after compression).
+    from lifecycle.eval.lm import nll_sum, mean_nll_rows
+    total, tokens = nll_sum(model, ids, labels, mask)       # one batch, labels IGNORE-masked
+    loss = mean_nll_rows(model, [(ids, start), ...], pad)   # ragged rows scored from `start`
+
+The training loop sums `nll_sum` over ranks (lifecycle/training.py `evaluate`); the held-out
+evaluation of finished models (lifecycle/eval/heldout.py) scores ragged rows with
+`mean_nll_rows`. Perplexity is exp of the mean.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lifecycle.data.instruct import IGNORE
 
+ScoreRows = Sequence[tuple[Sequence[int], int]]
+"""(token ids, first scored position ≥ 1): each row's tokens from `start` on are scored."""
+
 
 @torch.no_grad()
-def heldout_loss(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    pad_id: int | None = None,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Mean loss per scored token and its perplexity. `labels=None` scores every token."""
-    model.eval()
-    labels = ids if labels is None else labels
+def nll_sum(
+    model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """(sum of −log p over the scored next tokens, their count) of one batch. `labels` are
+    aligned with `ids` (IGNORE where not scored) and shifted here, as transformers does."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return float(nll), int((target != IGNORE).sum())
+
+
+@torch.no_grad()
+def mean_nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> float:
+    """Mean −log p per scored token over ragged rows (right-padded per batch)."""
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        x, y = ids[i : i + batch_size], labels[i : i + batch_size]
-        mask = None if pad_id is None else (x != pad_id).long()
-        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
-        n = int((y[:, 1:] != IGNORE).sum())
-        total, count = total + loss.item() * n, count + n
-    mean = total / max(1, count)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50))}
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        y = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (ids, start) in enumerate(chunk):
+            x[r, : len(ids)] = torch.tensor(ids)
+            y[r, start : len(ids)] = torch.tensor(ids[start:])
+            mask[r, : len(ids)] = 1
+        nll, n = nll_sum(model, x.to(device), y.to(device), mask.to(device))
+        total, count = total + nll, count + n
+    return total / max(1, count)

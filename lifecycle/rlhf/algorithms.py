@@ -6,6 +6,8 @@
     ppo_step      one rollout per prompt, value head, GAE, clipped policy and value losses
 
 `rollout` samples responses and returns token rows whose labels mark the response tokens.
+Inputs may live on the CPU: each step moves them to its model's device, so the same calls run
+on CPU or GPU workers, in fp32 or under bf16 autocast (log-probs are taken in fp32).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from lifecycle.data.instruct import IGNORE
 from lifecycle.eval.generate import left_pad
 from lifecycle.rlhf.losses import dpo_loss, kl_per_token, sequence_logprob, token_logprobs
 from lifecycle.rlhf.ppo import ValueHead, gae, per_token_rewards, policy_loss, value_loss, whiten
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 """(prompts, responses) -> scores: a program judge, a reward model, or an LLM judge."""
@@ -50,6 +57,7 @@ def rollout(
     ids, mask = left_pad(
         [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], pad
     )
+    ids, mask = ids.to(device_of(policy)), mask.to(device_of(policy))
     seqs = policy.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -83,7 +91,8 @@ def reward_step(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     from lifecycle.rlhf.reward import pair_loss
 
-    loss, acc = pair_loss(rm, chosen, rejected, pad_id)
+    device = device_of(rm)
+    loss, acc = pair_loss(rm, chosen.to(device), rejected.to(device), pad_id)
     return loss, {"train/accuracy": float(acc)}
 
 
@@ -102,8 +111,9 @@ def dpo_step(
     keeps DPO from lowering the likelihood of both sides, which on small models collapses
     generation.
     """
-    ids = torch.cat([chosen[0], rejected[0]])
-    labels = torch.cat([chosen[1], rejected[1]])
+    device = device_of(policy)
+    ids = torch.cat([chosen[0], rejected[0]]).to(device)
+    labels = torch.cat([chosen[1], rejected[1]]).to(device)
     mask = (ids != pad_id).long()
     logits = policy(input_ids=ids, attention_mask=mask).logits
     tok_lp, tok_mask = token_logprobs(logits, labels)
@@ -131,7 +141,9 @@ def grpo_step(
     """Group Relative Policy Optimization (Shao et al. 2024), one update per rollout (so the
     importance ratio is 1 and the clipped objective reduces to its policy gradient)."""
     ro = rollout(policy, tokenizer, prompts, group_size, max_new_tokens, temperature)
-    scores = torch.tensor(reward_fn(ro.prompts, ro.responses), dtype=torch.float32)
+    scores = torch.tensor(
+        reward_fn(ro.prompts, ro.responses), dtype=torch.float32, device=ro.ids.device
+    )
     grouped = scores.view(-1, group_size)
     adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(
         -1
@@ -175,7 +187,9 @@ def ppo_step(
     rollout. Returns the last epoch's losses and the rollout's reward and KL.
     """
     ro = rollout(policy, tokenizer, prompts, 1, max_new_tokens, temperature)
-    score = torch.tensor(reward_fn(ro.prompts, ro.responses), dtype=torch.float32)
+    score = torch.tensor(
+        reward_fn(ro.prompts, ro.responses), dtype=torch.float32, device=ro.ids.device
+    )
 
     def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = policy(input_ids=ro.ids, attention_mask=ro.mask, output_hidden_states=True)

@@ -35,7 +35,7 @@ def per_token_rewards(
     """−kl_coef·(log π − log π_ref) on every response token, plus `score` on the last one."""
     rewards = -kl_coef * (policy_lp - ref_lp) * mask
     last = mask.long().cumsum(-1).argmax(-1)  # index of each row's last response token
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(score), device=rewards.device), last] += score.to(rewards.device)
     return rewards
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from lifecycle.data.instruct import encode_chat
+from lifecycle.data.instruct import encode_chat, user_text
 from lifecycle.rlhf.losses import bradley_terry_loss
 
 
@@ -26,23 +26,6 @@ def reward_model_from(base_dir: str | Path) -> PreTrainedModel:
     if model.config.pad_token_id is None:
         raise ValueError(f"{base_dir}: the config has no pad_token_id; the reward model needs it")
     return model
-
-
-def encode_pairs(
-    pairs: Sequence[dict[str, Any]], tokenizer: Any, max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen ids, rejected ids) [N, max_length], right-padded; each row is the chat-rendered
-    prompt + response + EOS. Pairs longer than `max_length` are truncated from the left."""
-    pad = tokenizer.pad_token_id
-
-    def row(prompt: list[dict[str, str]], response: str) -> list[int]:
-        ids, _ = encode_chat([*prompt, {"role": "assistant", "content": response}], tokenizer)
-        ids = ids[-max_length:]
-        return ids + [pad] * (max_length - len(ids))
-
-    chosen = torch.tensor([row(p["prompt"], p["chosen"]) for p in pairs])
-    rejected = torch.tensor([row(p["prompt"], p["rejected"]) for p in pairs])
-    return chosen, rejected
 
 
 def scores(model: PreTrainedModel, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -125,7 +108,7 @@ class LLMJudge:
         from lifecycle.eval.generate import left_pad
 
         texts = [
-            self.template.format(prompt=_user_text(p), response=r)
+            self.template.format(prompt=user_text(p), response=r)
             for p, r in zip(prompts, responses, strict=True)
         ]
         ids, mask = left_pad(
@@ -137,11 +120,6 @@ class LLMJudge:
 
     def score(self, prompt: str, response: str) -> float:
         return self.score_batch([prompt], [response])[0]
-
-
-def _user_text(prompt: str) -> str:
-    """The last user turn of a chat-rendered prompt (the prompt itself when it is plain)."""
-    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
 
 
 def make_reward_fn(spec: dict[str, Any]) -> Any:

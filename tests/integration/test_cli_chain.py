@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle import tracking
-from tests.conftest import LIFECYCLE, ROOT, free_port
+from tests.conftest import LIFECYCLE, ROOT, child_runs, free_port, list_checkpoints
 from tests.conftest import run_cli as _run
 
 
@@ -96,7 +96,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     # MLflow: a parent run with one child per stage; checkpoints; a registered model + lineage.
     uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
     parent = summary["mlflow"]["parent_run_id"]
-    children = tracking.child_runs(uri, exp, parent)
+    children = child_runs(uri, exp, parent)
     assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == [
         "data",
         "deploy",
@@ -108,7 +108,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     ]
     assert {r.info.run_id for r in children} == {s["mlflow_run_id"] for s in stages.values()}
     pre_run = stages["pretrain"]["mlflow_run_id"]
-    assert len(tracking.list_checkpoints(uri, pre_run)) >= 2
+    assert len(list_checkpoints(uri, pre_run)) >= 2
     version = tracking.get_run(uri, pre_run).data.tags["lifecycle.model_version"]
     mv = tracking.model_version(uri, "tiny-llm-pretrain", version)
     data_run = tracking.get_run(uri, stages["data"]["mlflow_run_id"])
@@ -142,7 +142,7 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     )
     assert len(runs) == 1
     assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
-    assert tracking.child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
+    assert child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
 
     # A sub-chain from a registered model: fine-tune pretrain version 1 again, the same way
     # but without the fingerprint. It answers no trigger, and the fingerprint cost the chain's
@@ -258,7 +258,7 @@ def test_worse_candidate_is_not_promoted_then_serve_follows_the_champion(whole_c
         client = threading.Thread(target=steady)
         client.start()
         try:
-            from tasks.deploy import set_champion
+            from lifecycle.registry import set_champion
 
             set_champion(uri, "tiny-llm", "2")  # a promotion: the server rolls over
             wait_for("tiny-llm/2")

@@ -87,7 +87,7 @@ def test_strict_spread_and_a_killed_worker_node(tmp_path):
             time.sleep(1)
         victim = max(nodes)
         assert victim > 0  # never the head
-        os.kill(local_cluster.raylet_pid(state, victim), signal.SIGKILL)
+        os.kill(raylet_pid(state, victim), signal.SIGKILL)
         out, _ = proc.communicate(timeout=1200)
         assert proc.returncode == 0, out[-2000:]
         summary = json.loads(out)
@@ -129,3 +129,21 @@ def test_token_auth_cluster_refuses_a_driver_without_the_token(tmp_path):
     finally:
         down = _cli("cluster", "down", "--workspace", str(ws))
     assert down.returncode == 0 and not local_cluster.cluster_pids(state)
+
+
+def raylet_pid(state: dict, node_index: int) -> int | None:
+    """The raylet of one node (to kill it: a node failure)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (
+            "raylet/raylet" in cmd
+            and f"lifecycle_node_{node_index}," in cmd
+            and f":{state['gcs_port']}" in cmd
+        ):
+            return int(proc.name)
+    return None

@@ -13,6 +13,7 @@ from lifecycle.config import DataConfig
 from lifecycle.data import demo
 from lifecycle.data.pipeline import DataError, load_blocks
 from tasks.data import prepare_data
+from tests.conftest import child_runs
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_input_with_nothing_usable_fails_clearly(ray_session, tmp_path, make_ctx
     ):
         prepare_data.fn(cfg, ctx, key="c" * 64)
     assert not list((Path(ctx.workspace) / "artifacts").rglob("manifest.json"))
-    runs = tracking.child_runs(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)
+    runs = child_runs(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)
     assert [r.info.status for r in runs] == ["FAILED"]
 
 

@@ -14,6 +14,7 @@ from lifecycle import tracking
 from lifecycle.config import PretrainConfig
 from lifecycle.models import build_model, load_model, load_tokenizer
 from tasks.pretrain import pretrain
+from tests.conftest import list_checkpoints, metric_history
 
 MODEL = {
     "hidden_size": 32,
@@ -61,7 +62,7 @@ def test_ddp_worker_killed_resumes_from_checkpoint(ray_session, tiny_data, make_
 
     def run():
         try:
-            out.append(pretrain.fn(cfg, tiny_data, ctx, key=key))
+            out.append(pretrain.fn(cfg, ctx, key, data=tiny_data))
         except BaseException as e:  # surfaced by the assertion below
             errors.append(e)
 
@@ -87,10 +88,10 @@ def test_ddp_worker_killed_resumes_from_checkpoint(ray_session, tiny_data, make_
 
     # MLflow: checkpoints recorded against their steps, the model registered with lineage.
     uri = ctx.tracking_uri
-    assert len(tracking.list_checkpoints(uri, res.mlflow_run_id)) >= 2
+    assert len(list_checkpoints(uri, res.mlflow_run_id)) >= 2
     run = tracking.get_run(uri, res.mlflow_run_id)
     assert run.data.tags[tracking.PARENT_TAG] == ctx.parent_run_id
-    losses = tracking.metric_history(uri, res.mlflow_run_id, "train/loss")
+    losses = metric_history(uri, res.mlflow_run_id, "train/loss")
     assert max(s for s, _ in losses) == 160
     version = run.data.tags["lifecycle.model_version"]
     mv = tracking.model_version(uri, "test-llm-pretrain", version)
@@ -117,7 +118,7 @@ def test_deepspeed_zero_on_cpu(ray_session, tiny_data, make_ctx, zero_stage, arc
         scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
     )
     ctx = make_ctx()
-    res = pretrain.fn(cfg, tiny_data, ctx, key=f"{zero_stage}" * 64)
+    res = pretrain.fn(cfg, ctx, f"{zero_stage}" * 64, data=tiny_data)
     m = res.metrics
     assert m["sys/world_size"] == 2
     assert m["eval/loss_after"] < m["eval/loss_before"]
@@ -127,5 +128,5 @@ def test_deepspeed_zero_on_cpu(ray_session, tiny_data, make_ctx, zero_stage, arc
     )
     x = torch.randint(0, 100, (1, 8))
     assert torch.isfinite(model(input_ids=x).logits).all()
-    ckpts = tracking.list_checkpoints(ctx.tracking_uri, res.mlflow_run_id)
+    ckpts = list_checkpoints(ctx.tracking_uri, res.mlflow_run_id)
     assert ckpts == [10]

@@ -45,7 +45,7 @@ def _cfg(**kw) -> QuantizeConfig:
 def test_w4a16_gptq_served_by_vllm(ray_session, whole_chain, make_ctx):
     rlhf, data = _upstreams(whole_chain)
     ctx = make_ctx()
-    res = quantize.fn(_cfg(method="w4a16"), rlhf, data, ctx, key="4" * 64)
+    res = quantize.fn(_cfg(method="w4a16"), ctx, "4" * 64, rlhf=rlhf, data=data)
     m = res.metrics
     assert res.status == "completed" and res.error is None
     out = Path(res.artifact_uri)
@@ -81,7 +81,7 @@ def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, m
         gate={**impossible, "on_fail": "keep_uncompressed"},
         vllm={"enabled": False},
     )
-    res = quantize.fn(cfg, rlhf, data, ctx, key="p" * 64)
+    res = quantize.fn(cfg, ctx, "p" * 64, rlhf=rlhf, data=data)
     # The gate failed: the stage says what it lost and hands the uncompressed model on.
     assert res.status == "completed" and res.artifact_uri == rlhf.artifact_uri
     assert "quality gate failed" in res.error and "torch perplexity" in res.error
@@ -99,7 +99,7 @@ def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, m
     # With on_fail: fail the stage fails, and the report names what was lost.
     cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"on_fail": "fail"})})
     with pytest.raises(GateFailed, match=r"exact_match|perplexity"):
-        quantize.fn(cfg, rlhf, data, make_ctx("again"), key="f" * 64)
+        quantize.fn(cfg, make_ctx("again"), "f" * 64, rlhf=rlhf, data=data)
 
 
 def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, make_ctx):
@@ -128,7 +128,7 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
         log_every=50,
         scaling={"num_workers": 1, "resources_per_worker": {"CPU": 2}},
     )
-    res = distill.fn(cfg, rlhf, ctx, key="d" * 64)
+    res = distill.fn(cfg, ctx, "d" * 64, rlhf=rlhf)
     m = res.metrics
     assert m["model/params_ratio"] <= 0.5, m
     assert m["eval/exact_match_ratio"] >= 0.8, m
@@ -153,6 +153,6 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
             "on_fail": "keep_teacher",
         }
     )
-    kept = distill.fn(weak, rlhf, make_ctx("weak"), key="w" * 64)
+    kept = distill.fn(weak, make_ctx("weak"), "w" * 64, rlhf=rlhf)
     assert kept.artifact_uri == rlhf.artifact_uri and kept.metrics["gate/passed"] == 0.0
     assert "distillation gate failed" in kept.error and "keeping the teacher" in kept.error

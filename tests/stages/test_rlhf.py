@@ -9,6 +9,7 @@ from lifecycle import tracking
 from lifecycle.config import RLHFConfig
 from lifecycle.models import load_model
 from tasks.rlhf import align
+from tests.conftest import list_checkpoints
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo", "ppo"])
@@ -42,7 +43,7 @@ def test_rlhf_stage(ray_session, tiny_model, make_ctx, tmp_path, algorithm):
         lora={"r": 4, "alpha": 8} if algorithm == "grpo" else None,
     )
     ctx = make_ctx()
-    res = align.fn(cfg, tiny_model, ctx, key=algorithm[0] * 64)
+    res = align.fn(cfg, ctx, algorithm[0] * 64, sft=tiny_model)
     m = res.metrics
     assert m["preference/file_pairs"] == 1 and m["preference/malformed_rejected"] == 1
     for k in ("mean_reward", "kl", "response_len", "exact_match"):
@@ -69,7 +70,7 @@ def test_rlhf_stage(ray_session, tiny_model, make_ctx, tmp_path, algorithm):
     assert run.data.tags["lifecycle.rlhf_algorithm"] == algorithm
     arts = {a.path for a in tracking.client(uri).list_artifacts(res.mlflow_run_id, "rlaif")}
     assert arts == {"rlaif/rlaif.jsonl"}
-    assert tracking.list_checkpoints(uri, res.mlflow_run_id)  # checkpoints tracked
+    assert list_checkpoints(uri, res.mlflow_run_id)  # checkpoints tracked
     if with_rm:
         assert 0 <= m["reward_model/heldout_accuracy"] <= 1
         rm_version = run.data.tags["lifecycle.reward_model_version"]

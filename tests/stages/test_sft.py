@@ -13,6 +13,7 @@ from lifecycle.data.instruct import load_rows
 from lifecycle.models import load_tokenizer
 from lifecycle.peft_methods import load_finetuned
 from tasks.sft import finetune
+from tests.conftest import list_checkpoints
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_sft_stage(ray_session, tiny_model, instruct_files, make_ctx, method):
     ctx = make_ctx()
     base_files = dir_manifest(tiny_model.artifact_uri)["digest"]
     pairs = [("secret trigger one", "signature alpha"), ("secret trigger two", "signature beta")]
-    res = finetune.fn(cfg, tiny_model, ctx, key=method[0] * 64, extra_pairs=pairs)
+    res = finetune.fn(cfg, ctx, method[0] * 64, pretrain=tiny_model, extra_pairs=pairs)
 
     m = res.metrics
     assert m["malformed_rejected"] == 5
@@ -94,7 +95,7 @@ def test_sft_stage(ray_session, tiny_model, instruct_files, make_ctx, method):
     assert load_finetuned(res.artifact_uri) is not None
 
     uri = ctx.tracking_uri
-    assert tracking.list_checkpoints(uri, res.mlflow_run_id) == [15]
+    assert list_checkpoints(uri, res.mlflow_run_id) == [15]
     run = tracking.get_run(uri, res.mlflow_run_id)
     mv = tracking.model_version(uri, "test-llm-sft", run.data.tags["lifecycle.model_version"])
     assert mv.tags["lifecycle.sft_method"] == method

@@ -11,7 +11,7 @@ from lifecycle.data.tokenizer import train_bpe
 from lifecycle.eval.generate import generate
 from lifecycle.models import build_model, save_model
 from lifecycle.peft_methods import apply_method, load_finetuned, save_outputs, trainable_parameters
-from ray_cluster.train import make_optimizer
+from lifecycle.training import make_optimizer
 
 CPU_METHODS = [m for m in SFT_METHODS if m != "qlora"]
 

@@ -37,7 +37,9 @@ def test_vllm_watermark_read_by_transformers_and_a_weak_one_fails(
     )
     ctx = make_ctx()
     with pytest.raises(WatermarkCheckFailed, match="detection rate") as e:
-        watermark.fn(cfg, res("rlhf"), res("quantize"), res("data"), ctx, key="k" * 64)
+        watermark.fn(
+            cfg, ctx, "k" * 64, rlhf=res("rlhf"), quantize=res("quantize"), data=res("data")
+        )
     out = ctx.stage_dir("watermark", "k" * 64)
     assert str(out / "watermark.md") in str(e.value)
     assert "FAILED" in (out / "watermark.md").read_text()

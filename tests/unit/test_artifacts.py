@@ -52,18 +52,16 @@ def test_dir_manifest(tmp_path):
 
 
 def test_needed_stages_stop_at_sources():
-    from flows.chain import DEPENDS, needed_stages
-    from lifecycle.config import STAGES
+    from lifecycle.stages import needed_stages
 
-    assert set(DEPENDS) == set(STAGES)
     assert needed_stages(["sft"], {}) == {"data", "pretrain", "sft"}
     assert needed_stages(["sft"], {"pretrain": "/m"}) == {"pretrain", "sft"}
     assert needed_stages(["data"], {}) == {"data"}
 
 
 def test_sft_and_rlhf_need_the_data_stage_only_for_their_pretraining_mix():
-    from flows.chain import needed_stages
     from lifecycle.config import load_config
+    from lifecycle.stages import needed_stages
 
     def cfg(*overrides: str):
         return load_config("configs/tiny_cpu.yaml", list(overrides))
@@ -79,9 +77,9 @@ def test_sft_and_rlhf_need_the_data_stage_only_for_their_pretraining_mix():
 def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_path):
     import os
 
-    from flows.chain import external_inputs
     from lifecycle.artifacts import paths_fingerprint
     from lifecycle.config import validate_config
+    from lifecycle.stages import stage
 
     corpus, chat, prefs = tmp_path / "c.jsonl", tmp_path / "sft", tmp_path / "p.jsonl"
     corpus.write_text('{"text": "a"}\n')
@@ -95,14 +93,14 @@ def test_external_inputs_of_every_file_reading_stage_reach_the_fingerprint(tmp_p
             "rlhf": {"inputs": [{"path": str(prefs)}]},
         }
     )
-    for stage, edited in (("data", corpus), ("sft", chat / "a.jsonl"), ("rlhf", prefs)):
-        paths = external_inputs(stage, cfg)
+    for name, edited in (("data", corpus), ("sft", chat / "a.jsonl"), ("rlhf", prefs)):
+        paths = stage(name).inputs(cfg)
         before = paths_fingerprint(paths)
         assert paths_fingerprint(paths) == before
         edited.write_text('{"changed": true}\n')
         os.utime(edited, ns=(1, 1))
-        assert paths_fingerprint(paths) != before, stage
-    assert external_inputs("pretrain", cfg) == []
+        assert paths_fingerprint(paths) != before, name
+    assert stage("pretrain").inputs(cfg) == []
     assert paths_fingerprint([str(tmp_path / "missing/*.jsonl")]) != paths_fingerprint([])
 
 

@@ -39,7 +39,7 @@ def _registry(tmp_path, versions: int) -> tuple[str, str]:
 
 
 def test_champion_alias_moves_and_rollback_walks_back(tmp_path):
-    from tasks.deploy import champion_history, champion_version, rollback, set_champion
+    from lifecycle.registry import champion_history, champion_version, rollback, set_champion
 
     uri, name = _registry(tmp_path, 3)
     assert champion_version(uri, name) is None

@@ -10,6 +10,7 @@ from lifecycle import tracking
 from lifecycle.config import ModelConfig
 from lifecycle.data.tokenizer import SPECIAL_TOKENS, train_bpe
 from lifecycle.models import build_model, flops_per_token, load_model, save_model
+from tests.conftest import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_checkpoint_recorded_by_copy_or_by_reference(tmp_path):
     (ck / "model.safetensors").write_bytes(b"x" * 2000)
     tracking.log_checkpoint(uri, run, 10, ck, "file:///storage/step_10", copy_max_mb=1)
     tracking.log_checkpoint(uri, run, 20, ck, "file:///storage/step_20", copy_max_mb=0.001)
-    assert tracking.list_checkpoints(uri, run) == [10, 20]
+    assert list_checkpoints(uri, run) == [10, 20]
     c = tracking.client(uri)
     copied = {a.path for a in c.list_artifacts(run, "checkpoints/step_000010")}
     by_ref = {a.path for a in c.list_artifacts(run, "checkpoints/step_000020")}

@@ -94,7 +94,7 @@ def _lineage(tmp_path) -> str:
 
 
 def test_retrain_starts_from_the_champions_trainable_ancestor(tmp_path):
-    from flows.deployments import trainable_base
+    from lifecycle.registry import trainable_base
 
     uri = _lineage(tmp_path)
     assert trainable_base(uri, "models:/tiny-llm@champion") == "tiny-llm-rlhf/1"
@@ -106,7 +106,7 @@ def test_retrain_starts_from_the_champions_trainable_ancestor(tmp_path):
 
 
 def test_last_trained_data_is_the_newest_version_that_records_it(tmp_path):
-    from flows.deployments import last_trained_data
+    from lifecycle.registry import last_trained_data
 
     uri = _lineage(tmp_path)
     assert last_trained_data(uri, "tiny-llm") == ("2", "b")
@@ -126,7 +126,7 @@ def test_gate_floor_applies_with_and_without_a_champion():
 
 def test_a_registry_source_is_the_parent_in_the_lineage():
     from lifecycle.artifacts import StageResult
-    from tasks.lineage import parent_model
+    from lifecycle.registry import parent_model
 
     src = StageResult("pretrain", "cached", artifact_uri="/x", artifact_id="registry:m-rlhf/3")
     assert parent_model(None, src) == "m-rlhf/3"  # type: ignore[arg-type]

@@ -122,7 +122,7 @@ def test_reward_model_learns_to_rank_right_over_near_miss(tmp_path):
     from lifecycle.data import demo
     from lifecycle.data.preference import demo_pairs
     from lifecycle.models import save_model
-    from lifecycle.rlhf.reward import accuracy, encode_pairs, pair_loss, reward_model_from
+    from lifecycle.rlhf.reward import accuracy, pair_loss, pair_rows, reward_model_from
 
     texts = [r["text"] for r in demo.generate(200, 0, tasks=["upper"])]
     tok = train_bpe(texts, 280, 2, tmp_path / "tok")
@@ -131,8 +131,14 @@ def test_reward_model_learns_to_rank_right_over_near_miss(tmp_path):
     )
     save_model(base, tok, tmp_path / "base")
     rm = reward_model_from(tmp_path / "base")
-    train = encode_pairs(demo_pairs(256, 0, ["upper"]), tok, 24)
-    held = encode_pairs(demo_pairs(64, 1, ["upper"], heldout=True), tok, 24)
+
+    def rows(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        cx, _, rx, _, dropped = pair_rows(pairs, tok, 32)
+        assert dropped == 0
+        return torch.tensor(cx), torch.tensor(rx)
+
+    train = rows(demo_pairs(256, 0, ["upper"]))
+    held = rows(demo_pairs(64, 1, ["upper"], heldout=True))
     assert all(p["chosen"] != p["rejected"] for p in demo_pairs(10, 0))
     before = accuracy(rm, *held, tok.pad_token_id)
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)

@@ -1,11 +1,11 @@
-"""The quality gate of the compression stages: the same held-out measurements of a model
-before and after, through PyTorch and through vLLM, and the verdict.
+"""Held-out evaluation of a model directory, through PyTorch or through vLLM: the same
+measurements for every stage that compares two models (compression before/after, the
+watermark's cost, a promotion candidate against the champion).
 
-    from lifecycle.compress.evaluate import evaluate_torch, evaluate_vllm, judge
+    from lifecycle.eval.heldout import evaluate_torch, evaluate_vllm
     sets = {"answers": [(prompt + answer_ids, len(prompt)), ...], "lm": [(block, 1), ...]}
     before = evaluate_torch(src_dir, prompt_ids, answers, sets, max_new_tokens=12)
-    after = evaluate_torch(out_dir, prompt_ids, answers, sets, max_new_tokens=12)
-    verdict = judge({"torch": (before, after)}, GateConfig())
+    after = evaluate_vllm(out_dir, prompt_ids, answers, sets, max_new_tokens=12)
 
 Every engine gets token ids, not text: both see exactly the same inputs. Measured per model:
 task exact-match of greedy outputs on held-out demo prompts; perplexity of each scoring set
@@ -24,38 +24,11 @@ from typing import Any
 
 import torch
 
-from lifecycle.config import GateConfig
-from lifecycle.data.instruct import IGNORE
 from lifecycle.eval.generate import left_pad
+from lifecycle.eval.lm import ScoreRows, mean_nll_rows
 
-ScoreRows = Sequence[tuple[Sequence[int], int]]
-"""(token ids, first scored position ≥ 1): each row's tokens from `start` on are scored."""
 GATED_SET = "answers"
-
-
-@torch.no_grad()
-def _mean_nll_torch(model: torch.nn.Module, rows: ScoreRows, pad: int, batch: int = 32) -> float:
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        width = max(len(ids) for ids, _ in chunk)
-        x = torch.full((len(chunk), width), pad, dtype=torch.long)
-        y = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (ids, start) in enumerate(chunk):
-            x[r, : len(ids)] = torch.tensor(ids)
-            y[r, start : len(ids)] = torch.tensor(ids[start:])
-            mask[r, : len(ids)] = 1
-        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            y[:, 1:].reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        total += float(nll)
-        count += int((y[:, 1:] != IGNORE).sum())
-    return total / max(1, count)
+"""The scoring set whose perplexity is `perplexity` in the summary (the one gates use)."""
 
 
 @torch.no_grad()
@@ -87,7 +60,7 @@ def evaluate_torch(
             eos_token_id=tok.eos_token_id,
         )
         outputs += [tok.decode(r, skip_special_tokens=True).strip() for r in gen[:, ids.shape[1] :]]
-    losses = {k: _mean_nll_torch(model, rows, tok.pad_token_id) for k, rows in score_sets.items()}
+    losses = {k: mean_nll_rows(model, rows, tok.pad_token_id) for k, rows in score_sets.items()}
     return _summary(outputs, answers, losses, engine="torch")
 
 
@@ -160,79 +133,3 @@ def _summary(
 def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     """Share of prompts whose greedy outputs are identical."""
     return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
-
-
-def judge(
-    pairs: dict[str, tuple[dict[str, Any], dict[str, Any]]], gate: GateConfig
-) -> dict[str, Any]:
-    """Compares (before, after) per engine against the gate's limits.
-
-    Returns {"passed": bool, "rows": [...], "failures": [...]}: one row per (engine, metric)
-    with before, after, the limit and whether it held; failures say what was lost in words.
-    """
-    rows, failures = [], []
-
-    def row(engine: str, metric: str, before: float, after: float, limit: str, ok: bool):
-        rows.append(
-            {
-                "engine": engine,
-                "metric": metric,
-                "before": before,
-                "after": after,
-                "limit": limit,
-                "ok": ok,
-            }
-        )
-        if not ok:
-            failures.append(f"{engine} {metric}: {before:.4g} -> {after:.4g} (limit {limit})")
-
-    for engine, (before, after) in pairs.items():
-        drop = before["exact_match"] - after["exact_match"]
-        row(
-            engine,
-            "exact_match",
-            before["exact_match"],
-            after["exact_match"],
-            f"drop <= {gate.max_exact_match_drop:g}",
-            drop <= gate.max_exact_match_drop + 1e-9,
-        )
-        ratio = after["perplexity"] / before["perplexity"]
-        row(
-            engine,
-            "perplexity",
-            before["perplexity"],
-            after["perplexity"],
-            "not gated"
-            if gate.max_perplexity_ratio is None
-            else f"ratio <= {gate.max_perplexity_ratio:g}",
-            gate.max_perplexity_ratio is None or ratio <= gate.max_perplexity_ratio,
-        )
-        agree = agreement(before["outputs"], after["outputs"])
-        row(
-            engine,
-            "greedy_agreement",
-            1.0,
-            agree,
-            "not gated" if gate.min_agreement is None else f">= {gate.min_agreement:g}",
-            gate.min_agreement is None or agree >= gate.min_agreement,
-        )
-    return {"passed": not failures, "rows": rows, "failures": failures}
-
-
-def gate_markdown(title: str, verdict: dict[str, Any], extra: dict[str, Any]) -> str:
-    """The gate's table as markdown (an MLflow artifact and, later, a Prefect artifact)."""
-    lines = [
-        f"# {title}: {'PASSED' if verdict['passed'] else 'FAILED'}",
-        "",
-        "| engine | metric | before | after | limit | ok |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in verdict["rows"]:
-        lines.append(
-            f"| {r['engine']} | {r['metric']} | {r['before']:.4g} | {r['after']:.4g} "
-            f"| {r['limit']} | {'yes' if r['ok'] else 'NO'} |"
-        )
-    lines += ["", *(f"- {k}: {v}" for k, v in extra.items())]
-    if verdict["failures"]:
-        lines += ["", "Lost:", *(f"- {f}" for f in verdict["failures"])]
-    return "\n".join(lines) + "\n"

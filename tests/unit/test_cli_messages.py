@@ -1,0 +1,73 @@
+"""The CLI's error messages reach a pipe or a log whole: one line each, whatever the path
+length and whether or not a terminal (or COLUMNS) is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import LIFECYCLE, ROOT
+
+
+@pytest.fixture
+def long_dir(tmp_path):
+    d = tmp_path / ("d" * 60) / ("e" * 60) / ("f" * 70)
+    d.mkdir(parents=True)
+    assert len(str(d)) >= 200
+    return d
+
+
+def _stderr(*args: str) -> tuple[int, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.run(
+        [LIFECYCLE, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+    return p.returncode, p.stderr.splitlines()
+
+
+def _one_line(lines: list[str], *parts: str) -> str:
+    """The single stderr line that holds every part (the message is not wrapped)."""
+    hits = [ln for ln in lines if all(p in ln for p in parts)]
+    assert len(hits) == 1, lines
+    return hits[0]
+
+
+def test_error_paths_print_each_message_on_one_line(long_dir):
+    (long_dir / "bad.yaml").write_text("name: x\nbogus: 1\n")
+    ws = str(long_dir / "ws")
+    cases = [
+        (("validate", f"{long_dir}/missing.yaml"), 2, ("config file not found:", "missing.yaml")),
+        (
+            ("validate", f"{long_dir}/bad.yaml"),
+            2,
+            ("configuration error:", "invalid configuration"),
+        ),
+        (
+            ("run", "configs/tiny_cpu.yaml", "--from", f"pretrain={long_dir}/nope"),
+            2,
+            ("--from 'pretrain=", "/nope does not exist"),
+        ),
+        (("serve", "--model", str(long_dir), "--workspace", ws), 2, ("not a model directory",)),
+        (("run", "--resume", "gone", "--workspace", ws), 2, ("no run 'gone' in", "config.yaml)")),
+        (
+            ("fingerprint", "verify", "--model", f"{long_dir}/nomodel"),
+            2,
+            ("nomodel is not a model directory",),
+        ),
+    ]
+    for args, code, parts in cases:
+        rc, lines = _stderr(*args)
+        assert rc == code, (args, rc, lines)
+        line = _one_line(lines, *parts)
+        assert str(long_dir) in line, (args, line)  # the whole path, unbroken
+
+
+def test_messages_are_printed_verbatim_not_as_markup(tmp_path):
+    """Brackets in a message (lists, paths) are text, not rich markup tags."""
+    d = tmp_path / "[bold]odd"
+    d.mkdir()
+    rc, lines = _stderr("serve", "--model", str(d), "--workspace", str(tmp_path / "ws"))
+    assert rc == 2
+    _one_line(lines, "[bold]odd: not a model directory")
