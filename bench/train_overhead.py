@@ -81,7 +81,7 @@ def main() -> None:
 
         import ray
 
-        from ray_cluster.train import fit_causal_lm
+        from ray_cluster.train import TrainJob, fit_causal_lm
 
         ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
         uri = tracking.default_tracking_uri(tmp)
@@ -91,13 +91,9 @@ def main() -> None:
         metrics, _ = fit_causal_lm(
             "pretrain",
             cfg,
+            TrainJob(str(tmp / "ray"), "bench", uri, run_id, 0),
             data_dir=str(tmp / "data"),
             tokenizer_dir=str(tmp / "data" / "tokenizer"),
-            storage_path=str(tmp / "ray"),
-            name="bench",
-            tracking_uri=uri,
-            mlflow_run_id=run_id,
-            checkpoint_copy_max_mb=0,
         )
         wall = time.perf_counter() - t0
         ray.shutdown()

@@ -61,6 +61,9 @@ def task_of(st: Stage) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+REQUEST_FILE = "request.json"
+"""Beside a run's config.yaml: the stages (null: all) and `--from` sources it was asked for."""
+
 MISSING = StageResult("missing", "skipped", error="an upstream stage is missing")
 
 
@@ -301,7 +304,10 @@ def lifecycle_flow(
     tracking.log_text_file(uri, parent, config_yaml, "config.yaml")
     run_dir = ws / "runs" / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml)  # what `lifecycle run --resume` reruns
+    # What `lifecycle run --resume` reruns: the config, and the stages and sources asked for.
+    (run_dir / "config.yaml").write_text(config_yaml)
+    request = {"stages": stages, "sources": sources}
+    (run_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2))
     ctx = RunContext(
         run_name=run_name,
         workspace=str(ws),

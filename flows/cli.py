@@ -152,22 +152,27 @@ def run(
     resume: Annotated[
         str | None,
         typer.Option(
-            help="RUN_NAME: run that run's config again under its name; finished stages come "
-            "back cached, interrupted training resumes from its last checkpoint."
+            help="RUN_NAME: run that run again under its name (its config, stages and --from "
+            "sources, unless given here); finished stages come back cached, interrupted "
+            "training resumes from its last checkpoint."
         ),
     ] = None,
 ) -> None:
     """Runs the chain (or --stages of it) and prints a summary table."""
+    asked: dict[str, Any] = {}
     if resume is not None:
         saved = Path(workspace).resolve() / "runs" / resume / "config.yaml"
         if not saved.is_file():
             _error(f"no run {resume!r} in {workspace} (no {saved})")
             raise typer.Exit(2)
         config, run_name = str(saved), run_name or resume
+        request = saved.with_name("request.json")  # the stages and sources it was asked for
+        if request.is_file():
+            asked = json.loads(request.read_text())
     try:
         cfg = load_config(find_config(config), set_ or [])
-        requested = _parse_stages(stages)
-        sources = _parse_sources(from_ or [])
+        requested = _parse_stages(stages) if stages is not None else asked.get("stages")
+        sources = _parse_sources(from_) if from_ else dict(asked.get("sources") or {})
     except ConfigError as e:
         _fail_config(e)
 

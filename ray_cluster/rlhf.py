@@ -30,6 +30,7 @@ from ray_cluster import metrics as ray_metrics
 from ray_cluster.train import (
     FINAL_DIR,
     STATE_FILE,
+    TrainJob,
     latest_checkpoint,
     report_checkpoint,
     run_trainer,
@@ -259,15 +260,10 @@ def _save_checkpoint(
 def fit_rlhf(
     kind: str,
     cfg: RLHFConfig,
+    job: TrainJob,
     *,
     base_model_dir: str,
-    tokenizer_dir: str,
     data_dir: str,
-    storage_path: str,
-    name: str,
-    tracking_uri: str,
-    mlflow_run_id: str,
-    checkpoint_copy_max_mb: float,
     reward_spec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Runs one RLHF training job on Ray Train; returns (final metrics, final model dir)."""
@@ -275,14 +271,14 @@ def fit_rlhf(
         "kind": kind,
         "config": cfg.model_dump(mode="json"),
         "base_model_dir": base_model_dir,
-        "tokenizer_dir": tokenizer_dir,
+        "tokenizer_dir": base_model_dir,
         "data_dir": data_dir,
         "reward_spec": reward_spec,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": mlflow_run_id,
-        "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
+        **job.loop_config(),
     }
-    metrics, final = run_trainer(rlhf_loop, loop_config, cfg, name=name, storage_path=storage_path)
+    metrics, final = run_trainer(
+        rlhf_loop, loop_config, cfg, name=job.name, storage_path=job.storage_path
+    )
     if not (final / "model").is_dir():
         raise RuntimeError(f"{kind} finished without a final model in {final}")
     return metrics, final / "model"

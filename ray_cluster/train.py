@@ -18,6 +18,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from lifecycle.artifacts import RunContext
 from lifecycle.config import (
     DistillConfig,
     PretrainConfig,
@@ -395,25 +397,52 @@ def run_trainer(
     return dict(result.metrics), Path(result.checkpoint.path)
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """Where a training job keeps its checkpoints (`<storage_path>/<name>/`) and which MLflow
+    run it records into."""
+
+    storage_path: str
+    name: str
+    tracking_uri: str
+    mlflow_run_id: str
+    checkpoint_copy_max_mb: float
+
+    @classmethod
+    def of(cls, ctx: RunContext, name: str, key: str, mlflow_run_id: str) -> TrainJob:
+        """The job `name` of a stage run: checkpoints under the run's Ray storage, keyed by
+        the stage's cache key (a rerun with the same key resumes them)."""
+        return cls(
+            ctx.ray_storage,
+            ctx.train_name(name, key),
+            ctx.tracking_uri,
+            mlflow_run_id,
+            ctx.checkpoint_copy_max_mb,
+        )
+
+    def loop_config(self) -> dict[str, Any]:
+        return {
+            "tracking_uri": self.tracking_uri,
+            "mlflow_run_id": self.mlflow_run_id,
+            "checkpoint_copy_max_mb": self.checkpoint_copy_max_mb,
+        }
+
+
 def fit_causal_lm(
     kind: str,
     cfg: PretrainConfig | SFTConfig | DistillConfig,
+    job: TrainJob,
     *,
     data_dir: str,
     tokenizer_dir: str,
-    storage_path: str,
-    name: str,
-    tracking_uri: str,
-    mlflow_run_id: str,
-    checkpoint_copy_max_mb: float,
     base_model_dir: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Runs the loop on Ray Train; returns (final metrics, final checkpoint directory).
 
     The final directory holds `model/` (an HF model dir) and, for PEFT methods, `adapter/`.
-    Checkpoints live in `<storage_path>/<name>/`. A run whose earlier attempt died mid-way
-    (same name: same cache key) resumes from the newest committed checkpoint it left; delete
-    that directory to start over (`lifecycle run --force` does).
+    A job whose earlier attempt died mid-way (same name: same cache key) resumes from the
+    newest committed checkpoint it left; delete its directory to start over (`lifecycle run
+    --force` does).
     """
     loop_config = {
         "kind": kind,
@@ -421,12 +450,10 @@ def fit_causal_lm(
         "data_dir": data_dir,
         "tokenizer_dir": tokenizer_dir,
         "base_model_dir": base_model_dir,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": mlflow_run_id,
-        "checkpoint_copy_max_mb": checkpoint_copy_max_mb,
+        **job.loop_config(),
     }
     metrics, final = run_trainer(
-        causal_lm_loop, loop_config, cfg, name=name, storage_path=storage_path
+        causal_lm_loop, loop_config, cfg, name=job.name, storage_path=job.storage_path
     )
     if not any((final / sub).is_dir() for sub in ("model", "adapter")):
         raise RuntimeError(f"training finished without a final model in {final}")

@@ -28,7 +28,7 @@ from lifecycle.eval.generate import evaluate_model
 from lifecycle.models import chat_tokenizer
 from lifecycle.registry import kept_upstream, lineage_tags, register_result
 from ray_cluster.compute import run_remote
-from ray_cluster.train import fit_causal_lm
+from ray_cluster.train import TrainJob, fit_causal_lm
 
 
 class DistillGateFailed(RuntimeError):
@@ -54,14 +54,10 @@ def distill(cfg: DistillConfig, ctx: RunContext, key: str, *, rlhf: StageResult)
             train_metrics, final_ckpt = fit_causal_lm(
                 "distill",
                 cfg,
+                TrainJob.of(ctx, "distill", key, run_id),
                 data_dir=str(data_dir),
                 tokenizer_dir=str(data_dir / "tokenizer"),
                 base_model_dir=str(teacher),
-                storage_path=ctx.ray_storage,
-                name=ctx.train_name("distill", key),
-                tracking_uri=uri,
-                mlflow_run_id=run_id,
-                checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
             )
             shutil.copytree(final_ckpt / "model", tmp / "model")
             e = cfg.eval

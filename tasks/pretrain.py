@@ -21,7 +21,7 @@ from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import PretrainConfig, config_hash
 from lifecycle.registry import register_result
-from ray_cluster.train import fit_causal_lm
+from ray_cluster.train import TrainJob, fit_causal_lm
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -32,13 +32,9 @@ def pretrain(cfg: PretrainConfig, ctx: RunContext, key: str, *, data: StageResul
         metrics, final_ckpt = fit_causal_lm(
             "pretrain",
             cfg,
+            TrainJob.of(ctx, "pretrain", key, run_id),
             data_dir=str(data_dir),
             tokenizer_dir=str(data_dir / "tokenizer"),
-            storage_path=ctx.ray_storage,
-            name=ctx.train_name("pretrain", key),
-            tracking_uri=ctx.tracking_uri,
-            mlflow_run_id=run_id,
-            checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
         )
         with ctx.staging("pretrain", key) as tmp:
             shutil.copytree(final_ckpt / "model", tmp / "model")

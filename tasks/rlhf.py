@@ -37,6 +37,7 @@ from lifecycle.watermark.keys import resolve_key
 from ray_cluster.compute import run_remote
 from ray_cluster.generate import sample_responses
 from ray_cluster.rlhf import fit_rlhf
+from ray_cluster.train import TrainJob
 
 FINGERPRINT_PAIR_REPEATS = 8
 
@@ -72,12 +73,6 @@ def align(
         )
     final = ctx.stage_dir("rlhf", key)
     uri = ctx.tracking_uri
-    common = dict(
-        tracking_uri=uri,
-        checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
-        storage_path=ctx.ray_storage,
-        tokenizer_dir=str(sft_dir),
-    )
     with tracking.stage_run(ctx, "rlhf", params=cfg.model_dump(mode="json")) as run_id:
         with ctx.staging("rlhf", key) as tmp:
             tok = chat_tokenizer(sft_dir)
@@ -102,11 +97,9 @@ def align(
                 rm_metrics, rm_final = fit_rlhf(
                     "reward",
                     cfg,
+                    TrainJob.of(ctx, "rlhf-reward", key, run_id),
                     base_model_dir=str(sft_dir),
                     data_dir=str(tmp / "rm_data"),
-                    name=ctx.train_name("rlhf-reward", key),
-                    mlflow_run_id=run_id,
-                    **common,
                 )
                 shutil.copytree(rm_final, tmp / "reward_model")
                 rm_dir = str(tmp / "reward_model")
@@ -213,12 +206,10 @@ def align(
             algo_metrics, policy_final = fit_rlhf(
                 cfg.algorithm,
                 cfg,
+                TrainJob.of(ctx, "rlhf", key, run_id),
                 base_model_dir=str(sft_dir),
                 data_dir=str(algo_data),
-                name=ctx.train_name("rlhf", key),
-                mlflow_run_id=run_id,
                 reward_spec=reward_spec,
-                **common,
             )
             shutil.copytree(policy_final, tmp / "model")
             after = run_remote(evaluate_policy, cfg.scaling, str(tmp / "model"), str(sft_dir), *ev)

@@ -32,7 +32,7 @@ from lifecycle.registry import lineage_tags, register_result
 from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
 from lifecycle.watermark.keys import key_id, resolve_key
 from ray_cluster.compute import run_remote
-from ray_cluster.train import fit_causal_lm
+from ray_cluster.train import TrainJob, fit_causal_lm
 
 
 @task(name="sft", cache_policy=NO_CACHE)
@@ -75,14 +75,10 @@ def finetune(
             metrics, final_ckpt = fit_causal_lm(
                 "sft",
                 cfg,
+                TrainJob.of(ctx, "sft", key, run_id),
                 data_dir=str(data_dir),
                 tokenizer_dir=str(data_dir / "tokenizer"),
                 base_model_dir=str(base),
-                storage_path=ctx.ray_storage,
-                name=ctx.train_name("sft", key),
-                tracking_uri=ctx.tracking_uri,
-                mlflow_run_id=run_id,
-                checkpoint_copy_max_mb=ctx.checkpoint_copy_max_mb,
             )
             for sub in ("adapter", "model"):
                 if (final_ckpt / sub).is_dir():
