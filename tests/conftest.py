@@ -161,12 +161,39 @@ def run_cli(ws: Path, *extra: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="session")
 def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
-    """The README's main command run once per session: (workspace, summary). The integration
-    test checks it; the compression stage tests start from its aligned model and data."""
-    ws = tmp_path_factory.mktemp("chain") / "ws"
-    rc, summary = run_cli(ws, "--run-name", "first")
-    assert rc == 0, summary
-    return ws, summary
+    """The README's main command run once per test session: (workspace, summary). The
+    integration tests check and extend it; the compression stage tests start from its
+    aligned model and data.
+
+    Under pytest-xdist the workers share one run: the first to ask runs it under a file lock
+    in the session's shared temp dir, the others wait and read its summary. Tests that add to
+    its workspace (new runs, registry versions, the champion) are in xdist group "chain"
+    (`pytest_collection_modifyitems`), so they run on one worker, in file order."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's temp dir, above each worker's own
+    done = shared / "whole_chain.json"
+    with FileLock(str(shared / "whole_chain.lock")):
+        if not done.is_file():
+            ws = shared / "chain" / "ws"
+            ws.parent.mkdir(parents=True, exist_ok=True)
+            rc, summary = run_cli(ws, "--run-name", "first")
+            assert rc == 0, summary
+            done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))
+    got = json.loads(done.read_text())
+    return Path(got["workspace"]), got["summary"]
+
+
+CHAIN_MODULES = ("test_cli_chain.py", "test_operations.py")
+"""Modules whose tests add to the whole chain's workspace: one worker runs them in order."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in CHAIN_MODULES and "whole_chain" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("chain"))
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def _cfg(**kw) -> QuantizeConfig:
     return QuantizeConfig.model_validate({**base, **kw})
 
 
+@pytest.mark.timeout(2400)  # may wait for the session's whole chain
 def test_w4a16_gptq_served_by_vllm(ray_session, whole_chain, make_ctx):
     rlhf, data = _upstreams(whole_chain)
     ctx = make_ctx()
@@ -71,6 +72,7 @@ def test_w4a16_gptq_served_by_vllm(ray_session, whole_chain, make_ctx):
     assert {"gate/gate.md", "gate/gate.json", "gate/outputs.jsonl"} <= arts
 
 
+@pytest.mark.timeout(2400)  # may wait for the session's whole chain
 def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, make_ctx):
     rlhf, data = _upstreams(whole_chain)
     ctx = make_ctx()
@@ -102,6 +104,7 @@ def test_pruning_to_half_and_a_gate_that_cannot_pass(ray_session, whole_chain, m
         quantize.fn(cfg, make_ctx("again"), "f" * 64, rlhf=rlhf, data=data)
 
 
+@pytest.mark.timeout(2400)  # may wait for the session's whole chain
 def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, make_ctx):
     rlhf, _ = _upstreams(whole_chain)
     ctx = make_ctx()

@@ -16,6 +16,7 @@ from tasks.watermark import WatermarkCheckFailed, watermark
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(2400)  # may wait for the session's whole chain
 def test_vllm_watermark_read_by_transformers_and_a_weak_one_fails(
     ray_session, whole_chain, make_ctx
 ):
