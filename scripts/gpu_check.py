@@ -375,7 +375,7 @@ def check_compress(s: Setup) -> dict:
         model = s.model(num_kv_heads=None).eval()
         with torch.no_grad():
             ref = model(input_ids=x).logits.float()
-        cfg = QuantizeConfig(method=method, algorithm=algorithm, group_size=32)
+        cfg = QuantizeConfig(method=method, algorithm=algorithm, group_size=32, awq_grid=5)
         res = compress_weights(model, [x[:4], x[4:]], cfg)
         with torch.no_grad():
             got = model(input_ids=x).logits.float()
