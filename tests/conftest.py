@@ -168,7 +168,7 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
     Under pytest-xdist the workers share one run: the first to ask runs it under a file lock
     in the session's shared temp dir, the others wait and read its summary. Tests that add to
     its workspace (new runs, registry versions, the champion) are in xdist group "chain"
-    (`pytest_collection_modifyitems`), so they run on one worker, in file order."""
+    (`pytestmark` of their modules), so they run on one worker, in file order."""
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp()
@@ -184,16 +184,6 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
             done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))
     got = json.loads(done.read_text())
     return Path(got["workspace"]), got["summary"]
-
-
-CHAIN_MODULES = ("test_cli_chain.py", "test_operations.py")
-"""Modules whose tests add to the whole chain's workspace: one worker runs them in order."""
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in CHAIN_MODULES and "whole_chain" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("chain"))
 
 
 @pytest.fixture

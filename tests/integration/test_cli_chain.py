@@ -16,6 +16,10 @@ from lifecycle import tracking
 from tests.conftest import LIFECYCLE, ROOT, child_runs, free_port, list_checkpoints
 from tests.conftest import run_cli as _run
 
+# These tests add to the session's whole-chain workspace (runs, registry versions, the
+# champion) and read what the earlier ones left: one pytest-xdist worker runs them in order.
+pytestmark = pytest.mark.xdist_group("chain")
+
 
 def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}

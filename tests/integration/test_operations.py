@@ -21,6 +21,10 @@ import yaml
 from lifecycle import tracking
 from tests.conftest import LIFECYCLE, ROOT, free_port
 
+# These tests add to the session's whole-chain workspace (runs, registry versions, the
+# champion) and read what the earlier ones left: one pytest-xdist worker runs them in order.
+pytestmark = pytest.mark.xdist_group("chain")
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "lifecycle-test"
 # A shorter retrain than the chain's (the stages themselves are tested elsewhere); the gate is
