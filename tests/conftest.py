@@ -167,8 +167,9 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
 
     Under pytest-xdist the workers share one run: the first to ask runs it under a file lock
     in the session's shared temp dir, the others wait and read its summary. Tests that add to
-    its workspace (new runs, registry versions, the champion) are in xdist group "chain"
-    (`pytestmark` of their modules), so they run on one worker, in file order."""
+    its workspace (new runs, registry versions, the champion) all live in one module,
+    tests/integration/test_cli_chain.py, which `--dist loadfile` runs on one worker in order;
+    elsewhere the chain is only read."""
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp()
