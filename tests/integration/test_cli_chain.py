@@ -1,7 +1,7 @@
 """The README's main command, end to end, and everything that builds on its workspace: the
 whole chain on tiny_cpu.yaml, a cached re-run and sub-chains, a worse candidate and serving
-that follows the champion, a run killed during RLHF and resumed, the key's confinement, and
-the Prefect deployments (retrain, redeploy) run by a worker against a Prefect server.
+that follows the champion, the key's confinement, and the Prefect deployments (retrain,
+redeploy) run by a worker against a Prefect server.
 
 One module on purpose: these tests add to one workspace (runs, registry versions, the
 champion) and read what the earlier ones left, so pytest-xdist (`--dist loadfile`) runs them
@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -318,68 +317,6 @@ def test_worse_candidate_is_not_promoted_then_run_serve_follows_the_champion(who
     assert not (ws / "serve" / "state.json").exists()
     gone = subprocess.run([LIFECYCLE, "serve", "status", "--workspace", str(ws)])
     assert gone.returncode == 1
-
-
-@pytest.mark.timeout(1800)
-def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain):
-    """The driver is killed (SIGKILL to its process group) once DPO has committed a
-    checkpoint; `--resume` reruns the same sub-chain: data, pretrain and SFT come back cached
-    and DPO goes on from the checkpoint, not from step 0."""
-    ws, _ = whole_chain
-    stages = ["--stages", "data,pretrain,sft,rlhf"]
-    longer = ["--set", "rlhf.max_steps=300", "--set", "rlhf.checkpoint_every=50"]
-    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json"]
-    cmd += ["--run-name", "killed", *stages, *longer]
-    metrics_port = free_port()
-    cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
-    cmd += ["--set", f"cluster.metrics_export_port={metrics_port}"]
-
-    def committed() -> set[Path]:  # the policy's checkpoints (not the reward model's)
-        return set((ws / "ray_storage").glob("rlhf-[0-9a-f]*/step_*/COMMITTED"))
-
-    before = committed()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    seen = ""  # Ray's Prometheus endpoint of the run, scraped while it trains
-    try:
-        deadline = time.time() + 1200
-        while not committed() - before:
-            assert proc.poll() is None, "the run ended before DPO checkpointed"
-            assert time.time() < deadline
-            with contextlib.suppress(OSError):
-                url = f"http://127.0.0.1:{metrics_port}/metrics"
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    ours = [ln for ln in r.read().decode().splitlines() if "lifecycle_" in ln]
-                    seen += "\n".join(ours) + "\n"
-            time.sleep(1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
-    status = [ln for ln in seen.splitlines() if ln.startswith("ray_lifecycle_stage_status{")]
-    assert any(
-        'stage="sft"' in ln and 'status="cached"' in ln and ln.endswith(" 1.0") for ln in status
-    )
-    assert "ray_lifecycle_train_loss{" in seen and 'stage="rlhf-reward"' in seen
-    assert (ws / "runs" / "killed" / "config.yaml").is_file()
-    assert not (ws / "runs" / "killed" / "summary.json").exists()
-
-    # `--resume` reruns the run as it was asked for: its config, its stages (the killed run's
-    # sub-chain), under its name; finished stages come back cached, DPO goes on.
-    rc, resumed = _run(ws, "--resume", "killed")
-    assert rc == 0, resumed
-    assert resumed["run_name"] == "killed"
-    got = {s["stage"]: s for s in resumed["stages"]}
-    assert list(got) == ["data", "pretrain", "sft", "rlhf"]
-    assert [got[s]["status"] for s in ("data", "pretrain", "sft")] == ["cached"] * 3
-    rl = got["rlhf"]
-    assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 300
-    assert rl["metrics"]["dpo/resumed_from_step"] >= 50, rl["metrics"]
-    assert Path(rl["artifact_uri"], "model.safetensors").is_file()
 
 
 def test_the_key_never_leaves_the_environment(whole_chain):

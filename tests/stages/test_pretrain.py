@@ -41,9 +41,15 @@ def _cfg(**kw) -> PretrainConfig:
 
 
 def _worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers of this session's Ray (named by its GCS address:
+    another Ray may run on the machine, a CLI run's or another test worker's)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return [a.pid for a in actors]
 
 
