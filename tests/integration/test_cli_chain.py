@@ -345,23 +345,6 @@ def test_the_key_never_leaves_the_environment(whole_chain):
     assert wm.data.params["key_id"] and wm.data.tags["lifecycle.watermark.key_id"]
 
 
-def test_failed_stage_exits_nonzero_with_summary(tmp_path):
-    bad = tmp_path / "empty.jsonl"
-    bad.write_text('{"text": "x"}\n')
-    rc, summary = _run(
-        tmp_path / "ws",
-        "--set",
-        "data.demo=null",
-        "--set",
-        f"data.inputs=[{{path: {bad}, format: jsonl}}]",
-    )
-    assert rc == 1
-    assert summary["status"] == "failed"
-    data, *later = summary["stages"]
-    assert data["status"] == "failed" and "no usable documents" in data["error"]
-    assert [s["status"] for s in later] == ["skipped"] * 7
-
-
 def _fingerprint_matches(model_dir: str) -> int:
     p = subprocess.run(
         [
