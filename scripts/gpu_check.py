@@ -149,7 +149,7 @@ def lm_steps(s: Setup, model: Any, batch: Any, steps: int, lr: float, **loss_kw:
     from lifecycle.training import lm_loss, make_optimizer, make_scheduler, train_step
 
     cfg = PretrainConfig(lr=lr, warmup_steps=1, max_steps=steps, weight_decay=0.0)
-    opt, sched = make_optimizer(model, cfg), None
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     x, y, mask = (t.to(s.device) if t is not None else None for t in batch)
     half = len(x) // 2
