@@ -34,7 +34,7 @@ from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import WatermarkConfig
 from lifecycle.data.instruct import demo_prompts
 from lifecycle.models import chat_tokenizer
-from lifecycle.registry import parent_model
+from lifecycle.registry import parent_model, watermark_tags
 from lifecycle.stages import shipped_model
 from lifecycle.watermark.fingerprint import make_fingerprint, verify_fingerprint
 from lifecycle.watermark.keys import KEY_FILE_ENV, key_id, resolve_key
@@ -278,10 +278,9 @@ def watermark(
         tracking.log_artifact(uri, run_id, final / "watermark.json", "watermark")
         settings = {
             "lifecycle.watermark.scheme": "kgw-lefthash-cw1",
-            "lifecycle.watermark.gamma": cfg.gamma,
-            "lifecycle.watermark.delta": cfg.delta,
-            "lifecycle.watermark.z_threshold": cfg.z_threshold,
-            "lifecycle.watermark.key_id": kid,
+            **watermark_tags(
+                {"gamma": cfg.gamma, "delta": cfg.delta, "z_threshold": cfg.z_threshold}, kid
+            ),
         }
         tracking.set_tags(
             uri,
