@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lifecycle.archs import ARCHS, ModelFacts, read_facts
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names every bad key by its dotted path."""
@@ -232,6 +234,9 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
+        if self.init_from:  # the model's own config.json is read instead (facts())
+            self.facts()
+            return self
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -244,6 +249,27 @@ class ModelConfig(_Strict):
         if self.arch == "mixtral" and self.experts_per_token > self.num_experts:
             raise ValueError("experts_per_token must not exceed num_experts")
         return self
+
+    def facts(self) -> ModelFacts:
+        """The model's shapes: from `init_from`'s config.json when set (the YAML's shape keys
+        then describe nothing), else from the keys here."""
+        if self.init_from:
+            return read_facts(self.init_from)
+        moe = self.arch == "mixtral"
+        return ModelFacts(
+            model_type=self.arch,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads or self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=0,  # the data stage's tokenizer decides
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+            num_experts=self.num_experts if moe else 0,
+            experts_per_token=self.experts_per_token if moe else 0,
+        )
 
 
 class TrainingConfig(_Strict):
@@ -739,11 +765,15 @@ class PipelineConfig(_Strict):
     def _cross_stage(self) -> PipelineConfig:
         if self.data is not None and self.pretrain is not None:
             need = self.data.block_size
-            have = self.pretrain.model.max_position_embeddings
-            if need > have:
+            facts = self.pretrain.model.facts()
+            if need > facts.max_position_embeddings:
+                where = (
+                    "pretrain.model.max_position_embeddings"
+                    if facts.source == "pretrain.model"
+                    else f"max_position_embeddings of {facts.source}"
+                )
                 raise ValueError(
-                    f"data.block_size ({need}) exceeds pretrain.model.max_position_embeddings "
-                    f"({have})"
+                    f"data.block_size ({need}) exceeds {where} ({facts.max_position_embeddings})"
                 )
         wm, sft = self.watermark, self.sft
         if wm is not None and wm.fingerprint and (sft is None or sft.fingerprint is None):
@@ -753,9 +783,9 @@ class PipelineConfig(_Strict):
             )
         # The model that gets quantized: the distilled student when there is one.
         if self.quantize is not None and self.distill is not None:
-            _check_quantizable(self.distill.student, self.quantize, "distill.student")
+            check_quantizable(self.distill.student.facts(), self.quantize, "distill.student")
         elif self.quantize is not None and self.pretrain is not None:
-            _check_quantizable(self.pretrain.model, self.quantize, "pretrain.model")
+            check_quantizable(self.pretrain.model.facts(), self.quantize, "pretrain.model")
         return self
 
     def section(self, stage: str) -> BaseModel | None:
@@ -861,26 +891,34 @@ class DeployConfig(_Strict):
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def _check_quantizable(model: ModelConfig, q: QuantizeConfig, where: str) -> None:
-    """Shapes vLLM's CPU kernels need, checked before anything trains for an hour."""
-    if model.arch != "llama" and (q.method != "none" or q.prune is not None):
+def check_quantizable(facts: ModelFacts, q: QuantizeConfig, where: str) -> None:
+    """Shapes vLLM's CPU kernels and the compressors need, from the model's own facts,
+    checked before anything trains for an hour (also for `--from STAGE=DIR` models)."""
+    arch = ARCHS.get(facts.model_type)
+    what = facts.source if facts.source != "pretrain.model" else where
+    if q.method != "none" or q.prune is not None:
+        if arch is None:
+            raise ValueError(
+                f"{what}: model_type {facts.model_type!r} is not one the compressors know "
+                f"({', '.join(sorted(ARCHS))}); set quantize: null"
+            )
+        if arch.quantize_refusal:
+            raise ValueError(f"{what}: {arch.family}: {arch.quantize_refusal}")
+    if q.vllm.enabled and facts.head_dim not in VLLM_CPU_HEAD_DIMS:
         raise ValueError(
-            f"{where}: quantization and pruning support Llama-family models, got arch "
-            f"{model.arch!r}; distill into a llama student (distill.student) or set quantize: null"
-        )
-    head_dim = model.hidden_size // model.num_heads
-    if q.vllm.enabled and head_dim not in VLLM_CPU_HEAD_DIMS:
-        raise ValueError(
-            f"{where}: head_dim {head_dim} (hidden_size/num_heads) is not one vLLM's CPU "
-            f"attention supports {list(VLLM_CPU_HEAD_DIMS)}; change num_heads, or set "
-            "quantize.vllm.enabled: false"
+            f"{what}: head_dim {facts.head_dim} is not one vLLM's CPU attention supports "
+            f"{list(VLLM_CPU_HEAD_DIMS)}; "
+            + (
+                "this model cannot be served by vLLM on CPU: set quantize.vllm.enabled: false"
+                if facts.source != "pretrain.model"
+                else "change num_heads, or set quantize.vllm.enabled: false"
+            )
         )
     if q.method in ("w4a16", "awq"):
-        dims = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size}
-        bad = {k: v for k, v in dims.items() if v % 32 or v % q.group_size}
+        bad = {k: v for k, v in facts.linear_in_features.items() if v % 32 or v % q.group_size}
         if bad:
             raise ValueError(
-                f"{where}: int4 kernels need layer dimensions that are multiples of 32 and of "
+                f"{what}: int4 kernels need layer dimensions that are multiples of 32 and of "
                 f"quantize.group_size ({q.group_size}); got {bad}"
             )
 

@@ -127,3 +127,68 @@ def test_cli_run_rejects_bad_config_before_starting(tmp_path):
     assert not (tmp_path / "ws").exists()  # nothing started, nothing written
     res = CliRunner().invoke(app, ["run", "--stages", "data,sfft", "--workspace", str(tmp_path)])
     assert res.exit_code == 2 and "sfft" in res.output
+
+
+# A model is a directory: with `init_from` the checks read the model's own config.json.
+def _model_dir(tmp_path, model_type, **over):
+    import json
+
+    from lifecycle.tiny import build
+
+    d = build(model_type, tmp_path / model_type)
+    if over:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **over}))
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "phi3", "llama"])
+def test_checks_read_the_model_dir_not_the_yaml_defaults(tmp_path, model_type):
+    """The YAML's shape keys say hidden 64 / 4 heads (head_dim 16, which vLLM's CPU attention
+    cannot serve); the model dir says head_dim 32: it validates, facts from the dir."""
+    d = _model_dir(tmp_path, model_type)
+    raw = {
+        "pretrain": {"model": {"init_from": str(d), "hidden_size": 64, "num_heads": 4}},
+        "quantize": {"method": "w4a16"},
+    }
+    cfg = validate_config(raw)
+    facts = cfg.pretrain.model.facts()
+    assert facts.model_type == model_type and facts.head_dim == 32
+    assert facts.source == str(d)
+    with pytest.raises(ConfigError, match="head_dim 16"):  # the same YAML, no model dir
+        validate_config({**raw, "pretrain": {"model": {"hidden_size": 64, "num_heads": 4}}})
+
+
+def test_a_model_dir_vllm_cannot_serve_is_refused_naming_its_head_dim(tmp_path):
+    d = _model_dir(tmp_path, "qwen3", head_dim=48)
+    raw = {"pretrain": {"model": {"init_from": str(d)}}, "quantize": {"method": "w8a8"}}
+    with pytest.raises(ConfigError, match=rf"{d}: head_dim 48 is not one vLLM"):
+        validate_config(raw)
+    raw["quantize"]["vllm"] = {"enabled": False}  # not served by vLLM here: nothing to refuse
+    assert validate_config(raw).pretrain.model.facts().head_dim == 48
+    d40 = _model_dir(tmp_path / "40", "qwen3", head_dim=40)
+    raw["pretrain"]["model"]["init_from"] = str(d40)
+    raw["quantize"] = {"method": "w4a16", "group_size": 64, "vllm": {"enabled": False}}
+    with pytest.raises(ConfigError, match="'num_heads\\*head_dim': 160"):  # 4 x 40: not /64
+        validate_config(raw)
+
+
+def test_model_dir_problems_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such model directory"):
+        validate_config({"pretrain": {"model": {"init_from": str(tmp_path / "nope")}}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"not a model directory \(no config.json\)"):
+        validate_config({"pretrain": {"model": {"init_from": str(tmp_path / "empty")}}})
+    moe = _model_dir(tmp_path, "mixtral")
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        validate_config(
+            {"pretrain": {"model": {"init_from": str(moe)}}, "quantize": {"method": "w8a8"}}
+        )
+    d = _model_dir(tmp_path, "llama", max_position_embeddings=128)
+    with pytest.raises(ConfigError, match=rf"exceeds max_position_embeddings of {d} \(128\)"):
+        validate_config(
+            {
+                "pretrain": {"model": {"init_from": str(d)}},
+                "data": {"demo": {}, "block_size": 256},
+            }
+        )
