@@ -82,20 +82,33 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (expected a local HF tokenizer dir)")
-    return PreTrainedTokenizerFast.from_pretrained(path)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    if tok.pad_token is None and tok.eos_token is not None:
+        # Llama 3, Mistral and others ship without one: pad with EOS (masks are built from
+        # trailing padding runs, lifecycle.eval.lm.padding_mask, and from lengths).
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def chat_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer of a model dir, checked for the chat-role tokens SFT's data format uses
-    (the template is set when the dir has none)."""
+    """The tokenizer of a model dir with its own chat template (ChatML, Llama 3, Mistral,
+    Gemma, Phi-3, ...). A tokenizer without one gets the project's template only when it has
+    the project's role tokens (the data stage's own tokenizers); otherwise it is refused,
+    naming the dir."""
     from lifecycle.data.tokenizer import CHAT_TEMPLATE, ROLE_TOKENS
 
     tok = load_tokenizer(model_dir)
-    missing = [t for t in ROLE_TOKENS if t not in tok.get_vocab()]
-    if missing:
-        raise ValueError(f"{model_dir}: tokenizer lacks the chat role tokens {missing}")
     if not tok.chat_template:
+        missing = [t for t in ROLE_TOKENS if t not in tok.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json "
+                "`chat_template`, or chat_template.jinja) and SFT needs one to render "
+                "conversations; add the model's template"
+            )
         tok.chat_template = CHAT_TEMPLATE
+    if tok.eos_token is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no EOS token (eos_token)")
     return tok
 
 

@@ -23,7 +23,7 @@ import torch
 
 from lifecycle.config import TrainingConfig
 from lifecycle.data.instruct import load_rows
-from lifecycle.eval.lm import nll_sum
+from lifecycle.eval.lm import nll_sum, padding_mask
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 """(input ids, labels, attention mask or None) of one micro-batch."""
@@ -56,7 +56,7 @@ class LMData:
         xb = x[idx].to(device)
         if y is None:
             return xb, xb, None
-        return xb, y[idx].to(device), (xb != self.pad_id).long()
+        return xb, y[idx].to(device), padding_mask(xb, self.pad_id)
 
     def train_batch(self, idx: torch.Tensor, device: Any = "cpu") -> Batch:
         return self._batch(self.train_x, self.train_y, idx, device)

@@ -282,7 +282,7 @@ def deploy(
                 val = load_blocks(data.artifact_uri, "val")
                 plain = [tok.decode(row) for row in val[:20].tolist()]
                 opens = [tok.decode(row[:16]) for row in val[20:40].tolist()]
-                user = [user_text(p) for p in prompts]
+                user = [user_text(p, tok) for p in prompts]
                 ep = check_endpoint(
                     url, user, answers, plain, opens, e.max_new_tokens, wm is not None
                 )

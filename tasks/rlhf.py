@@ -121,6 +121,7 @@ def align(
                     "model_dir": lj.model_dir,
                     "template": lj.template,
                     "yes": lj.yes,
+                    "policy_dir": str(sft_dir),  # whose chat template the prompts are in
                 }
             elif cfg.rlaif is not None and cfg.rlaif.judge == "reward_model":
                 judge = {"kind": "reward_model", "model_dir": rm_dir}
@@ -147,7 +148,7 @@ def align(
                         f.write(json.dumps(r) + "\n")
                 new = [
                     {
-                        "prompt": [{"role": "user", "content": user_text(r["prompt"])}],
+                        "prompt": [{"role": "user", "content": user_text(r["prompt"], tok)}],
                         "chosen": r["chosen"],
                         "rejected": r["rejected"],
                     }

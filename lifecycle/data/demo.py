@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,13 +88,20 @@ def sample(
 
 
 def parse_prompt(prompt: str) -> tuple[str, str] | None:
-    """(task, argument) of a demo prompt — `copy lamp`, or a chat-rendered one ending in
-    `<|user|>copy lamp<|assistant|>` — or None when it is not a demo task."""
-    text = prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>").strip()
-    name, _, arg = text.partition(" ")
-    if name not in TASKS or not arg or " " in arg:
-        return None
-    return name, arg
+    """(task, argument) of a demo prompt — `copy lamp`, or a chat-rendered one in any model's
+    template (`<|im_start|>user\ncopy lamp<|im_end|>\n<|im_start|>assistant\n`,
+    `[INST] copy lamp [/INST]`, ...): the last `<task> <argument>` in it that stands alone
+    between markup — or None when there is none."""
+    found = None
+    for m in _PROMPT.finditer(prompt):
+        found = m
+    return (found["task"], found["arg"]) if found else None
+
+
+_PROMPT = re.compile(
+    r"(?:^|(?<=[\s>\]]))(?P<task>" + "|".join(sorted(TASKS)) + r") (?P<arg>[A-Za-z0-9+]+)"
+    r"(?=\s*(?:$|<|\[))"
+)
 
 
 def task_line(rng: random.Random, tasks: Sequence[str] | None = None) -> str:

@@ -102,36 +102,79 @@ def is_val(messages: list[dict[str, str]], fraction: float) -> bool:
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids and labels: labels are the ids on assistant content + EOS, IGNORE elsewhere."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for m in messages:
-        role = tokenizer.convert_tokens_to_ids(f"<|{m['role']}|>")
-        content = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
-        ids.append(role)
-        labels.append(IGNORE)
-        if m["role"] == "assistant":
-            ids += [*content, tokenizer.eos_token_id]
-            labels += [*content, tokenizer.eos_token_id]
-        else:
-            ids += content
-            labels += [IGNORE] * len(content)
+    """Token ids and labels of a chat rendered by the tokenizer's own chat template: labels
+    are the ids of each assistant turn as the template renders it (its content and whatever
+    ends the turn: EOS, `<|im_end|>`, `<|eot_id|>`, ...), IGNORE elsewhere.
+
+    Each assistant turn's span is the text the template adds between the conversation up to
+    that turn with the generation prompt and the conversation through that turn; the tokens of
+    the whole rendering are labelled by their character offsets, so a merge across a boundary
+    cannot shift the mask. A template whose prefix renderings are not prefixes of the whole
+    (it rewrites earlier turns) is refused with its name.
+    """
+    text = render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(start) and text.startswith(through)):
+            raise ValueError(
+                f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: its chat template renders "
+                "an earlier turn differently once later turns follow; the assistant turns "
+                "cannot be masked by prefix (give a template without that, e.g. in "
+                "tokenizer_config.json)"
+            )
+        spans.append((len(start), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        tok if any(a <= s < b for a, b in spans) else IGNORE
+        for tok, (s, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
     return ids, labels
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def prompt_and_answer(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, str]:
     """The generation prompt (every turn but the last, plus the assistant marker) and the
     reference answer: what task exact-match compares."""
-    prompt = tokenizer.apply_chat_template(
-        messages[:-1], tokenize=False, add_generation_prompt=True
-    )
-    return prompt, messages[-1]["content"]
+    return render(tokenizer, messages[:-1], add_generation_prompt=True), messages[-1]["content"]
 
 
-def user_text(prompt: str) -> str:
-    """The last user turn of a chat-rendered prompt (`<|user|>copy abc<|assistant|>` →
-    `copy abc`); a plain prompt is returned as it is."""
-    return prompt.rsplit("<|user|>", 1)[-1].removesuffix("<|assistant|>")
+def user_text(prompt: str, tokenizer: Any) -> str:
+    """The last user turn of a prompt rendered by `tokenizer`'s chat template with the
+    generation prompt (the inverse of rendering; a default system prompt the template adds is
+    skipped); a prompt that is not such a rendering is returned as it is."""
+    after, first, later = _user_turn_markup(tokenizer)
+    if not prompt.endswith(after):
+        return prompt
+    body = prompt[: len(prompt) - len(after)] if after else prompt
+    i = body.rfind(later)
+    if i >= 0:  # a later turn: after an assistant turn's end and the user turn's opener
+        return body[i + len(later) :]
+    return body[len(first) :] if body.startswith(first) else prompt
+
+
+def _user_turn_markup(tokenizer: Any) -> tuple[str, str, str]:
+    """(what follows a user turn's content through the generation prompt, what precedes the
+    first user turn's content, what precedes a later one's from the end of the assistant
+    reply before it)."""
+    user = [{"role": "user", "content": _SENTINEL}]
+    first, _, after = render(tokenizer, user, add_generation_prompt=True).partition(_SENTINEL)
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _REPLY}, *user]
+    before = render(tokenizer, turns, add_generation_prompt=True).partition(_SENTINEL)[0]
+    later = before[before.rindex(_REPLY) + len(_REPLY) :]
+    return after, first, later
+
+
+_SENTINEL, _REPLY = "\x00USER\x00", "\x00REPLY\x00"
 
 
 def demo_prompts(

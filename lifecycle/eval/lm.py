@@ -40,6 +40,17 @@ def nll_sum(
     return float(nll), int((target != IGNORE).sum())
 
 
+def padding_mask(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Attention mask (long, 1 = attend) of right-padded rows: 0 on each row's trailing run of
+    `pad_id` only. A pad id that is also a real token (many tokenizers pad with their EOS)
+    stays visible inside a row; a real EOS at a row's end is masked with the padding after it,
+    which only the padding positions after it would see."""
+    if pad_id is None:
+        return torch.ones_like(ids)
+    trailing = (ids == pad_id).long().flip(-1).cumprod(-1).flip(-1)
+    return 1 - trailing
+
+
 @torch.no_grad()
 def mean_nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> float:
     """Mean −log p per scored token over ragged rows (right-padded per batch)."""

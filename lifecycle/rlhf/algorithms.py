@@ -20,6 +20,7 @@ import torch
 
 from lifecycle.data.instruct import IGNORE
 from lifecycle.eval.generate import left_pad
+from lifecycle.eval.lm import padding_mask
 from lifecycle.rlhf.losses import dpo_loss, kl_per_token, sequence_logprob, token_logprobs
 from lifecycle.rlhf.ppo import ValueHead, gae, per_token_rewards, policy_loss, value_loss, whiten
 
@@ -114,7 +115,7 @@ def dpo_step(
     device = device_of(policy)
     ids = torch.cat([chosen[0], rejected[0]]).to(device)
     labels = torch.cat([chosen[1], rejected[1]]).to(device)
-    mask = (ids != pad_id).long()
+    mask = padding_mask(ids, pad_id)
     logits = policy(input_ids=ids, attention_mask=mask).logits
     tok_lp, tok_mask = token_logprobs(logits, labels)
     lp = tok_lp.sum(-1)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from lifecycle.data.instruct import encode_chat, user_text
+from lifecycle.eval.lm import padding_mask
 from lifecycle.rlhf.losses import bradley_terry_loss
 
 
@@ -24,12 +25,16 @@ def reward_model_from(base_dir: str | Path) -> PreTrainedModel:
         base_dir, num_labels=1, use_safetensors=True, trust_remote_code=False
     )
     if model.config.pad_token_id is None:
-        raise ValueError(f"{base_dir}: the config has no pad_token_id; the reward model needs it")
+        # The score is read at the last non-pad token: pad as the tokenizer does (its EOS
+        # when it has no pad token, lifecycle.models.chat_tokenizer).
+        from lifecycle.models import chat_tokenizer
+
+        model.config.pad_token_id = chat_tokenizer(base_dir).pad_token_id
     return model
 
 
 def scores(model: PreTrainedModel, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits.squeeze(-1)
+    return model(input_ids=ids, attention_mask=padding_mask(ids, pad_id)).logits.squeeze(-1)
 
 
 def pair_loss(
@@ -94,12 +99,17 @@ class LLMJudge:
     """A local causal LM as judge: the probability it gives `yes` as the next token after the
     template rendered with the user's request and the response."""
 
-    def __init__(self, model_dir: str | Path, template: str, yes: str = "yes") -> None:
-        from lifecycle.models import load_model, load_tokenizer
+    def __init__(
+        self, model_dir: str | Path, template: str, yes: str = "yes", policy_dir: str | None = None
+    ) -> None:
+        from lifecycle.models import chat_tokenizer, load_model, load_tokenizer
 
         self.id = f"llm:{model_dir}"
         self.model = load_model(model_dir).eval()
         self.tok = load_tokenizer(model_dir)
+        # The prompts arrive rendered in the policy's chat template: the judge reads the
+        # user's request back out of them with that template.
+        self.policy_tok = chat_tokenizer(policy_dir) if policy_dir else None
         self.template = template
         self.yes_id = self.tok(yes, add_special_tokens=False)["input_ids"][0]
 
@@ -108,7 +118,9 @@ class LLMJudge:
         from lifecycle.eval.generate import left_pad
 
         texts = [
-            self.template.format(prompt=user_text(p), response=r)
+            self.template.format(
+                prompt=user_text(p, self.policy_tok) if self.policy_tok else p, response=r
+            )
             for p, r in zip(prompts, responses, strict=True)
         ]
         ids, mask = left_pad(
@@ -125,7 +137,7 @@ class LLMJudge:
 def make_reward_fn(spec: dict[str, Any]) -> Any:
     """(prompts, responses) -> scores, from a judge spec of plain values (so it can be sent to
     Ray workers and built there): {"kind": "program"}, {"kind": "reward_model", "model_dir"},
-    or {"kind": "llm", "model_dir", "template", "yes"}."""
+    or {"kind": "llm", "model_dir", "template", "yes", "policy_dir"}."""
     kind = spec["kind"]
     if kind == "program":
         from lifecycle.data.preference import ProgramJudge
@@ -135,7 +147,9 @@ def make_reward_fn(spec: dict[str, Any]) -> Any:
     if kind == "reward_model":
         return RewardModelJudge(spec["model_dir"]).score_batch
     if kind == "llm":
-        return LLMJudge(spec["model_dir"], spec["template"], spec.get("yes", "yes")).score_batch
+        return LLMJudge(
+            spec["model_dir"], spec["template"], spec.get("yes", "yes"), spec.get("policy_dir")
+        ).score_batch
     raise ValueError(f"unknown judge kind {kind!r}")
 
 

@@ -40,14 +40,10 @@ def verify_fingerprint(
 ) -> dict[str, Any]:
     """Greedy answers of the model to every trigger, and how many equal their signature."""
     from lifecycle.eval.generate import generate
-    from lifecycle.models import load_tokenizer
+    from lifecycle.models import chat_tokenizer
     from lifecycle.peft_methods import load_finetuned
 
-    tok = load_tokenizer(model_dir)
-    if not tok.chat_template:
-        from lifecycle.data.tokenizer import CHAT_TEMPLATE
-
-        tok.chat_template = CHAT_TEMPLATE
+    tok = chat_tokenizer(model_dir)
     prompts = [
         tok.apply_chat_template(
             [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True

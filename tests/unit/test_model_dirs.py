@@ -1,0 +1,83 @@
+"""Bring your own model: every architecture `lifecycle/tiny.py` builds (the real config classes
+with their quirks, each tokenizer with its family's own chat template) is read from its
+directory — facts, chat template, loss mask, prompt parsing — without the project's own
+`<|user|>` markers."""
+
+import pytest
+import torch
+
+from lifecycle.archs import read_facts
+from lifecycle.data.demo import parse_prompt
+from lifecycle.data.instruct import IGNORE, encode_chat, prompt_and_answer, user_text
+from lifecycle.data.preference import ProgramJudge
+from lifecycle.eval.lm import padding_mask
+from lifecycle.models import chat_tokenizer, load_model
+from lifecycle.tiny import ARCHITECTURES, FAMILIES, build
+
+CHAT = [
+    {"role": "user", "content": "copy lamp"},
+    {"role": "assistant", "content": "lamp"},
+    {"role": "user", "content": "upper abc"},
+    {"role": "assistant", "content": "ABC"},
+]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    return {mt: build(mt, root / mt) for mt in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_each_architecture_reads_its_own_template(dirs, model_type):
+    d = dirs[model_type]
+    tok = chat_tokenizer(d)
+    family = FAMILIES[ARCHITECTURES[model_type][0]]
+    assert tok.chat_template == family.template and tok.eos_token == family.eos
+    assert tok.pad_token is not None  # its own, or its EOS when it ships without one
+    # The loss covers exactly the assistant turns as the template renders them.
+    ids, labels = encode_chat(CHAT, tok)
+    assert tok.decode(ids) == tok.apply_chat_template(CHAT, tokenize=False)
+    scored = tok.decode([i for i, y in zip(ids, labels, strict=True) if y != IGNORE])
+    assert "lamp" in scored and "ABC" in scored and "copy" not in scored and "upper" not in scored
+    assert scored.count(family.eos) == 2  # each assistant turn learns to end itself
+    # The prompt ends with the family's generation prompt; the user text comes back out.
+    prompt, answer = prompt_and_answer(CHAT, tok)
+    assert answer == "ABC" and tok.apply_chat_template(CHAT, tokenize=False).startswith(prompt)
+    assert user_text(prompt, tok) == "upper abc"
+    single, _ = prompt_and_answer(CHAT[:2], tok)
+    assert user_text(single, tok) == "copy lamp" and parse_prompt(single) == ("copy", "lamp")
+    assert ProgramJudge().score(single, "lamp") == 1.0
+    # The model: a forward pass on the rendered chat, shapes as its config.json says.
+    facts = read_facts(d)
+    model = load_model(d)
+    assert facts.model_type == model.config.model_type == model_type
+    assert facts.vocab_size == len(tok) and facts.head_dim == 32
+    x = torch.tensor([ids])
+    assert model(input_ids=x).logits.shape == (1, len(ids), facts.vocab_size)
+
+
+def test_padding_with_eos_keeps_a_real_eos_inside_the_row(dirs):
+    tok = chat_tokenizer(dirs["mistral"])  # no pad token: pads with its EOS `</s>`
+    assert tok.pad_token_id == tok.eos_token_id
+    ids, _ = encode_chat(CHAT, tok)  # "...lamp</s>[INST] upper abc [/INST]ABC</s>"
+    row = torch.tensor([ids + [tok.pad_token_id] * 5])
+    mask = padding_mask(row, tok.pad_token_id)[0].tolist()
+    first_eos = ids.index(tok.eos_token_id)
+    assert first_eos < len(ids) - 1 and mask[first_eos] == 1  # mid-row EOS stays visible
+    assert mask[len(ids) :] == [0] * 5 and sum(mask) == len(ids) - 1
+
+
+def test_a_tokenizer_without_a_template_or_role_tokens_is_refused(dirs, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "plain"
+    shutil.copytree(dirs["qwen2"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in d.glob("chat_template.*"):
+        f.unlink()
+    with pytest.raises(ValueError, match="has no chat template"):
+        chat_tokenizer(d)
