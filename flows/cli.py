@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lifecycle.config import ConfigError, find_config, load_config
+from lifecycle.config import ConfigError, PipelineConfig, find_config, load_config
 from lifecycle.stages import STAGES
 
 app = typer.Typer(
@@ -102,6 +102,36 @@ def _parse_sources(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--from {item!r}: {path} does not exist")
         out[stage] = str(Path(path).resolve())
     return out
+
+
+def _adopt_model_source(cfg: PipelineConfig, sources: dict[str, str]) -> PipelineConfig:
+    """A model brought as a directory (`--from pretrain|sft|rlhf=DIR`) brings its facts: the
+    data stage tokenizes with its tokenizer (unless data.tokenizer.path says otherwise), and
+    the shapes the compressors and vLLM need are checked against its own config.json before
+    anything runs."""
+    from lifecycle.archs import ModelDirError, read_facts
+    from lifecycle.config import check_quantizable
+
+    local = [
+        (s, sources[s])
+        for s in ("rlhf", "sft", "pretrain")
+        if s in sources and not sources[s].startswith("models:/")
+    ]
+    if not local:
+        return cfg
+    stage, model_dir = local[0]  # the latest stage's model is the one that goes on
+    try:
+        facts = read_facts(model_dir)
+        if cfg.quantize is not None and cfg.distill is None:
+            check_quantizable(facts, cfg.quantize, f"--from {stage}")
+    except (ModelDirError, ValueError) as e:
+        raise ConfigError(f"--from {stage}={model_dir}: {e}") from None
+    if cfg.data is not None and cfg.data.tokenizer.path is None and "data" not in sources:
+        tokenizer = cfg.data.tokenizer.model_copy(update={"path": model_dir})
+        data = cfg.data.model_copy(update={"tokenizer": tokenizer})
+        cfg = cfg.model_copy(update={"data": data})
+        err.print(f"data: tokenized with the tokenizer of {model_dir} (--from {stage})")
+    return cfg
 
 
 def _table(summary: dict[str, Any]) -> Table:
@@ -173,6 +203,7 @@ def run(
         cfg = load_config(find_config(config), set_ or [])
         requested = _parse_stages(stages) if stages is not None else asked.get("stages")
         sources = _parse_sources(from_) if from_ else dict(asked.get("sources") or {})
+        cfg = _adopt_model_source(cfg, sources)
     except ConfigError as e:
         _fail_config(e)
 

@@ -597,8 +597,8 @@ class RLHFConfig(TrainingConfig):
             raise ValueError("rlaif.judge: reward_model needs the reward_model section")
         if self.deepspeed.zero_stage > 0:
             raise ValueError("rlhf runs DDP (deepspeed.zero_stage 0) for now")
-        if self.precision != "fp32" or self.grad_accum_steps != 1:
-            raise ValueError("rlhf trains in fp32 without gradient accumulation for now")
+        if self.grad_accum_steps != 1:
+            raise ValueError("rlhf trains without gradient accumulation for now")
         if self.algorithm == "ppo" and self.scaling.num_workers > 1:
             raise ValueError("ppo runs on one worker for now: set rlhf.scaling.num_workers: 1")
         if self.algorithm == "ppo" and self.ptx_weight > 0:

@@ -25,7 +25,7 @@ from lifecycle.data.instruct import load_rows
 from lifecycle.models import load_model, load_tokenizer, save_model
 from lifecycle.rlhf.reward import make_reward_fn
 from lifecycle.tracking import RankZeroTracker
-from lifecycle.training import BatchSampler, make_optimizer, make_scheduler
+from lifecycle.training import BatchSampler, autocast_for, make_optimizer, make_scheduler
 from ray_cluster import metrics as ray_metrics
 from ray_cluster.train import (
     FINAL_DIR,
@@ -138,46 +138,58 @@ def rlhf_loop(c: dict[str, Any]) -> None:
         stats["ptx_loss"] = float(lm)
         return loss + cfg.ptx_weight * lm
 
+    def _step(step: int, idx: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """One step's loss and stats (PPO: its own updates, no loss returned)."""
+        if kind == "reward":
+            from lifecycle.rlhf.algorithms import reward_step
+
+            return reward_step(model, cx[idx], rx[idx], pad)
+        if kind == "dpo":
+            from lifecycle.rlhf.algorithms import dpo_step
+
+            loss, stats = dpo_step(
+                model, ref, (cx[idx], cy[idx]), (rx[idx], ry[idx]), pad, cfg.beta, cfg.nll_weight
+            )
+            return with_ptx(loss, model, step, stats), stats
+        batch = [prompts[int(i)] for i in idx]
+        if kind == "grpo":
+            from lifecycle.rlhf.algorithms import grpo_step
+
+            loss, stats = grpo_step(
+                raw, ref, tok, batch, reward_fn, cfg.group_size, cfg.max_new_tokens, cfg.beta
+            )
+            return with_ptx(loss, raw, step, stats), stats
+        from lifecycle.rlhf.algorithms import ppo_step
+
+        return None, ppo_step(
+            raw,
+            head,
+            ref,
+            tok,
+            batch,
+            reward_fn,
+            optimizer,
+            cfg.max_new_tokens,
+            cfg.beta,
+            epochs=cfg.ppo_epochs,
+            clip=cfg.clip,
+            grad_clip=cfg.grad_clip,
+        )
+
+    # bf16: the forwards (rollouts included) under autocast, fp32 master weights and
+    # optimizer state, log-probs and losses in fp32 (lifecycle/rlhf/algorithms.py).
+    amp = autocast_for(device, torch.bfloat16 if cfg.precision == "bf16" else None)
     model.train()
     t0, stats = time.perf_counter(), {}
     for step in range(start, steps):
         idx = sampler.indices(step)
-
-        if kind in ("reward", "dpo"):
-            if kind == "reward":
-                from lifecycle.rlhf.algorithms import reward_step
-
-                loss, stats = reward_step(model, cx[idx], rx[idx], pad)
-            else:
-                from lifecycle.rlhf.algorithms import dpo_step
-
-                loss, stats = dpo_step(
-                    model,
-                    ref,
-                    (cx[idx], cy[idx]),
-                    (rx[idx], ry[idx]),
-                    pad,
-                    cfg.beta,
-                    cfg.nll_weight,
-                )
-                loss = with_ptx(loss, model, step, stats)
+        with amp():
+            loss, stats = _step(step, idx)
+        if kind != "ppo":
             optimizer.zero_grad(set_to_none=True)
+            # GRPO: through the unwrapped model, so gradients are averaged here.
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            stats["train/loss"] = float(loss)
-        elif kind == "grpo":
-            from lifecycle.rlhf.algorithms import grpo_step
-
-            batch = [prompts[int(i)] for i in idx]
-            loss, stats = grpo_step(
-                raw, ref, tok, batch, reward_fn, cfg.group_size, cfg.max_new_tokens, cfg.beta
-            )
-            loss = with_ptx(loss, raw, step, stats)
-            optimizer.zero_grad(set_to_none=True)
-            # Through the DDP wrapper's parameters: gradients are averaged across ranks.
-            loss.backward()
-            if world > 1:
+            if kind == "grpo" and world > 1:
                 for p in params:
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
@@ -185,24 +197,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             stats["train/loss"] = float(loss)
-        else:
-            from lifecycle.rlhf.algorithms import ppo_step
 
-            batch = [prompts[int(i)] for i in idx]
-            stats = ppo_step(
-                raw,
-                head,
-                ref,
-                tok,
-                batch,
-                reward_fn,
-                optimizer,
-                cfg.max_new_tokens,
-                cfg.beta,
-                epochs=cfg.ppo_epochs,
-                clip=cfg.clip,
-                grad_clip=cfg.grad_clip,
-            )
         sched.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:

@@ -125,3 +125,54 @@ def test_ppo_step_value_head_learns(setup):
     assert all(torch.isfinite(torch.tensor([s["train/policy_loss"] for s in stats])))
     assert vl[-1] < vl[0]
     assert _moved(policy, p0) and not _moved(ref, r0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+def test_dpo_and_grpo_in_bf16_on_a_model_dir(tmp_path, model_type):
+    """bf16 as the RLHF loop runs it (ray_cluster/rlhf.py): forwards and rollouts under
+    autocast, fp32 master weights; on a model dir with its own chat template (ChatML / Gemma
+    turns), a tokenizer padding as it does."""
+    from lifecycle.models import chat_tokenizer, load_model
+    from lifecycle.tiny import build
+    from lifecycle.training import autocast_for
+
+    d = build(model_type, tmp_path / model_type)
+    tok, base = chat_tokenizer(d), load_model(d)
+    amp = autocast_for(torch.device("cpu"), torch.bfloat16)
+    policy, ref = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
+    pairs = demo_pairs(16, 0, ["copy", "upper"])
+
+    def rows(key):
+        msgs = [[*p["prompt"], {"role": "assistant", "content": p[key]}] for p in pairs]
+        ids, labels, _ = build_rows(msgs, tok, 48, packing=False)
+        return torch.tensor(ids), torch.tensor(labels)
+
+    ch, rj = rows("chosen"), rows("rejected")
+    p0, r0 = _snapshot(policy), _snapshot(ref)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        with amp():
+            loss, stats = dpo_step(policy, ref, ch, rj, tok.pad_token_id, beta=0.5)
+        assert loss.dtype == torch.float32  # log-probs and the loss in fp32
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] == pytest.approx(0.6931, abs=2e-2)  # policy == reference (bf16 rounding)
+    assert losses[-1] < losses[0] and _moved(policy, p0) and not _moved(ref, r0)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+    prompts = [prompt_and_answer(ex["messages"], tok)[0] for ex in demo.instruction_examples(4, 0)]
+    torch.manual_seed(0)
+    p1 = _snapshot(policy)
+    with amp():
+        loss, stats = grpo_step(
+            policy, ref, tok, prompts, _judge, group_size=4, max_new_tokens=6, beta=0.05
+        )
+    assert torch.isfinite(loss) and stats["train/kl"] >= 0
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert _moved(policy, p1) and not _moved(ref, r0)
