@@ -190,8 +190,9 @@ def align(
                         f"rlhf.ptx_weight={cfg.ptx_weight} needs the data stage's pretraining "
                         "blocks: run the data stage (or --from data=DIR), or set ptx_weight: 0"
                     )
-                from lifecycle.data.pipeline import pretrain_windows
+                from lifecycle.data.pipeline import check_same_tokenizer, pretrain_windows
 
+                check_same_tokenizer(data.artifact_uri, tok, "rlhf.ptx_weight")
                 n = min(cfg.max_steps * cfg.ptx_batch_size * cfg.scaling.num_workers, 50_000)
                 ptx = pretrain_windows(data.artifact_uri, "train", cfg.max_length, n, cfg.seed)
                 write_rows(ptx.tolist(), ptx.tolist(), algo_data / "ptx.parquet")

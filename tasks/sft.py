@@ -65,6 +65,10 @@ def finetune(
             planted = list(extra_pairs) + fp_pairs * (
                 cfg.fingerprint.repeats if cfg.fingerprint else 0
             )
+            if data is not None and cfg.data.pretrain_mix > 0:
+                from lifecycle.data.pipeline import check_same_tokenizer
+
+                check_same_tokenizer(data.artifact_uri, tok, "sft.data.pretrain_mix")
             counts, pairs = prepare_instructions(
                 cfg, tok, data_dir, planted, data.artifact_uri if data is not None else None
             )

@@ -305,6 +305,21 @@ def load_blocks(data_dir: str | Path, split: str) -> Any:
     return torch.from_numpy(np.concatenate(arrays).astype(np.int64))
 
 
+def check_same_tokenizer(data_dir: str | Path, model_tokenizer: Any, what: str) -> None:
+    """Raises when the data stage's token ids are not the model's: its blocks were made with
+    another tokenizer (e.g. the data stage trained its own while the model came with `--from`),
+    and mixing them in would train on garbage."""
+    from lifecycle.models import load_tokenizer
+
+    theirs = load_tokenizer(Path(data_dir) / "tokenizer").get_vocab()
+    if theirs != model_tokenizer.get_vocab():
+        raise ValueError(
+            f"{what}: the data stage's blocks ({data_dir}) were tokenized with another "
+            f"tokenizer than the model's ({len(theirs)} vs {len(model_tokenizer)} tokens); "
+            "prepare the data with the model's tokenizer (data.tokenizer.path: the model dir)"
+        )
+
+
 def pretrain_windows(data_dir: str | Path, split: str, length: int, count: int, seed: int) -> Any:
     """`count` windows of `length` tokens at seeded random offsets of one split's blocks, as
     an int64 tensor [count, length]: pretraining text that a fine-tuning stage mixes in so the

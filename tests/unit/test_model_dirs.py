@@ -81,3 +81,17 @@ def test_a_tokenizer_without_a_template_or_role_tokens_is_refused(dirs, tmp_path
         f.unlink()
     with pytest.raises(ValueError, match="has no chat template"):
         chat_tokenizer(d)
+
+
+def test_data_tokenized_for_another_model_is_refused(dirs, tiny_data):
+    """The data stage trained its own tokenizer; the model came with its own: mixing those
+    blocks into SFT/RLHF (pretrain_mix, ptx) would train on another vocabulary's ids."""
+    from lifecycle.data.pipeline import check_same_tokenizer
+    from lifecycle.models import load_tokenizer
+
+    own = load_tokenizer(f"{tiny_data.artifact_uri}/tokenizer")
+    check_same_tokenizer(tiny_data.artifact_uri, own, "sft.data.pretrain_mix")  # same: fine
+    with pytest.raises(ValueError, match="sft.data.pretrain_mix: the data stage's blocks"):
+        check_same_tokenizer(
+            tiny_data.artifact_uri, chat_tokenizer(dirs["qwen2"]), "sft.data.pretrain_mix"
+        )
