@@ -116,10 +116,13 @@ def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+def flops_per_token(model: PreTrainedModel, seq_len: int, trainable: int | None = None) -> float:
     """Training FLOPs per token: 6N for the weights plus attention's 12·L·H·T (PaLM appendix B).
 
-    For a mixture of experts, N counts only the experts a token is routed to.
+    For a mixture of experts, N counts only the experts a token is routed to. `trainable`:
+    how many parameters get weight gradients when not all do (PEFT, frozen layers): every
+    weight costs its forward (2) and the backward through its activations (2), only the
+    trainable ones their weight gradient (2 more), so 4N + 2·trainable.
     """
     cfg = model.config
     n = num_params(model)
@@ -129,4 +132,5 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
         n -= cfg.num_hidden_layers * per_expert * (n_exp - cfg.num_experts_per_tok)
     if not getattr(cfg, "tie_word_embeddings", False):
         n -= model.get_input_embeddings().weight.numel()  # lookups are not matmuls
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    weights = 6 * n if trainable is None else 4 * n + 2 * min(trainable, n)
+    return weights + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -223,14 +223,30 @@ def evaluate(
     return float(total[0] / total[1])
 
 
-def measure_peak_flops(seconds: float = 0.5, n: int = 512) -> float:
-    """FLOP/s of fp32 matmuls on this worker's threads: the MFU denominator when none is given."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_peak_flops(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 0.5
+) -> float:
+    """FLOP/s of `dtype` matmuls on `device` (this worker's threads on CPU, its GPU on CUDA):
+    the MFU denominator when the config gives no `peak_flops`. An estimate of what the
+    training's own kernels could reach, not the vendor's datasheet number."""
+    device = torch.device(device)
+    n = 512 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     a @ b
+    sync()
     iters, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         iters += 1
+        if device.type != "cpu" and iters % 16 == 0:
+            sync()
+    sync()
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 

@@ -98,10 +98,12 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
         from lifecycle.peft_methods import apply_method, load_base
 
         base = load_base(c["base_model_dir"], cfg)
-        fpt = flops_per_token(base, data.train_x.shape[1])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # adapter init is random: same on every rank
             model = apply_method(base, cfg)
+        # Frozen base weights cost no weight gradients (full SFT: all are trainable).
+        trainable = num_params(model, trainable_only=True)
+        fpt = flops_per_token(model, data.train_x.shape[1], trainable)
     use_ds = cfg.deepspeed.zero_stage > 0
     # DeepSpeed casts the model itself; otherwise bf16 is autocast around each forward.
     dtype = torch.bfloat16 if cfg.precision == "bf16" and not use_ds else None
@@ -167,7 +169,8 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     if resumed_from:
         tracker.metrics({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
-    peak = cfg.peak_flops or measure_peak_flops()
+    probe = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # DeepSpeed too
+    peak = cfg.peak_flops or measure_peak_flops(device, probe)
     sampler = BatchSampler(len(data.train_x), cfg.micro_batch_size, world, rank, cfg.seed)
     # Tokens processed (padding included for SFT rows): what the hardware did.
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world * data.train_x.shape[1]

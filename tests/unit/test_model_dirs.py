@@ -91,7 +91,7 @@ def test_data_tokenized_for_another_model_is_refused(dirs, tiny_data):
 
     own = load_tokenizer(f"{tiny_data.artifact_uri}/tokenizer")
     check_same_tokenizer(tiny_data.artifact_uri, own, "sft.data.pretrain_mix")  # same: fine
-    with pytest.raises(ValueError, match="sft.data.pretrain_mix: the data stage's blocks"):
+    with pytest.raises(ValueError, match=r"sft\.data\.pretrain_mix: the data stage's blocks"):
         check_same_tokenizer(
             tiny_data.artifact_uri, chat_tokenizer(dirs["qwen2"]), "sft.data.pretrain_mix"
         )

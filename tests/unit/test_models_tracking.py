@@ -94,3 +94,23 @@ def test_stage_run_ends_failed_on_error(tmp_path):
         raise RuntimeError("boom")
     assert tracking.get_run(uri, run_id).info.status == "FAILED"
     assert tracking.get_run(uri, run_id).data.tags[tracking.PARENT_TAG] == parent
+
+
+def test_flops_of_a_peft_model_count_no_weight_gradients_for_frozen_weights(tokenizer):
+    """LoRA: every weight costs its forward and the backward through its activations (4 per
+    weight per token), only the adapters their weight gradients (2 more): not 6N."""
+    from peft import LoraConfig, get_peft_model
+
+    from lifecycle.models import num_params
+    from lifecycle.training import measure_peak_flops
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = get_peft_model(
+        build_model(cfg, tokenizer, seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    n, t = num_params(model), num_params(model, trainable_only=True)
+    attention = 12 * 2 * 32 * 64
+    full, peft = flops_per_token(model, 64), flops_per_token(model, 64, trainable=t)
+    assert 0 < t < n and full - peft == 2 * (n - t)  # tied embeddings: all of n are matmuls
+    assert peft == 4 * n + 2 * t + attention
+    assert measure_peak_flops("cpu", torch.bfloat16, seconds=0.05) > 0
