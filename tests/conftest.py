@@ -209,3 +209,44 @@ def make_ctx(tmp_path):
         )
 
     return make
+
+
+# Scheduling on two pytest-xdist workers (pyproject addopts: `-n 2 --dist loadfile
+# --no-loadscope-reorder`). The chain module runs on one worker from the first minute to the
+# last; everything else runs on the other, chain-independent modules first so that worker
+# does not idle while the chain it waits for is still running.
+CHAIN_MODULE = "tests/integration/test_cli_chain.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    def order(item) -> int:
+        if item.nodeid.startswith(CHAIN_MODULE):
+            return 0
+        return 2 if "whole_chain" in getattr(item, "fixturenames", ()) else 1
+
+    # A module whose any test reads the chain goes with the chain readers (loadfile keeps a
+    # module on one worker; its tests stay in their order).
+    module_order: dict[str, int] = {}
+    for it in items:
+        mod = it.nodeid.split("::")[0]
+        module_order[mod] = max(module_order.get(mod, 0), order(it))
+    items.sort(key=lambda it: module_order[it.nodeid.split("::")[0]])  # stable
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's loadfile scheduler, except that the chain module's worker takes no other
+    module while chain tests are pending: by default a worker is topped up whenever two or
+    fewer of its tests are pending, which queued modules behind the ~12-minute Prefect test."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ChainWorkerAlone(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            busy = any(
+                scope.startswith(CHAIN_MODULE) and not all(done.values())
+                for scope, done in self.assigned_work.get(node, {}).items()
+            )
+            if busy and self.workqueue:
+                return
+            super()._reschedule(node)
+
+    return ChainWorkerAlone(config, log)

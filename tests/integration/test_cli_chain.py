@@ -221,12 +221,13 @@ def test_whole_chain_then_cached_rerun(whole_chain):
 
 
 @pytest.mark.timeout(1800)
-def test_worse_candidate_is_not_promoted_then_run_serve_follows_the_champion(whole_chain):
+def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whole_chain):
     """`lifecycle run --stages deploy --from quantize=<the pretrained model> --serve`: the
     forced worse candidate leaves the champion in place with a report; the same process then
-    serves the champion (a fresh process image, its own Ray) and follows the alias through a
-    promotion and a rollback while a client keeps sending requests; `serve stop` ends it and
-    no Prefect server the run started is left behind."""
+    serves the champion (a fresh process image, its own Ray) until `serve stop`, and no Prefect
+    server the run started is left behind. `lifecycle rollback` walks the alias back. (The
+    server following the alias through promotions and rollbacks under a steady client is in
+    test_retrain_and_redeploy_as_prefect_deployments.)"""
     ws, summary = whole_chain
     stages = {s["stage"]: s for s in summary["stages"]}
     uri = summary["mlflow"]["tracking_uri"]
@@ -264,53 +265,12 @@ def test_worse_candidate_is_not_promoted_then_run_serve_follows_the_champion(who
         assert any("NOT promoted" in f.read_text() for f in report.rglob("promotion.md"))
         assert dep["metrics"]["serving/version"] == 1.0  # the champion kept serving
 
-        import httpx
-
-        results: list[tuple[int, str]] = []
-        stop = threading.Event()
-
-        def steady() -> None:
-            while not stop.is_set():
-                r = httpx.post(
-                    f"{url}/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
-                    timeout=300,
-                )
-                results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
-                time.sleep(0.2)
-
-        def serving() -> str:
-            return httpx.get(f"{url}/healthz", timeout=30).json()["version"]
-
-        def wait_for(version: str) -> None:
-            deadline = time.time() + 300
-            while serving() != version:
-                assert time.time() < deadline, f"still serving {serving()}, want {version}"
-                time.sleep(2)
-
-        client = threading.Thread(target=steady)
-        client.start()
-        try:
-            from lifecycle.registry import set_champion
-
-            set_champion(uri, "tiny-llm", "2")  # a promotion: the server rolls over
-            wait_for("tiny-llm/2")
-            r = subprocess.run(
-                [LIFECYCLE, "rollback", "--workspace", str(ws)],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-            )
-            assert r.returncode == 0 and "champion 2 -> 1" in r.stdout, r.stderr
-            wait_for("tiny-llm/1")
-            time.sleep(2)
-        finally:
-            stop.set()
-            client.join()
-        assert all(code == 200 for code, _ in results), results
-        assert results[0][0] == 200 and results[0][1] == "tiny-llm/1"
-        seen = [v for _, v in results]
-        assert "tiny-llm/2" in seen and seen[-1] == "tiny-llm/1", seen
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
+            timeout=300,
+        )
+        assert r.status_code == 200 and r.headers["x-lifecycle-model-version"] == "tiny-llm/1"
         st = subprocess.run(
             [LIFECYCLE, "serve", "status", "--workspace", str(ws)], capture_output=True, text=True
         )
@@ -327,6 +287,16 @@ def test_worse_candidate_is_not_promoted_then_run_serve_follows_the_champion(who
     assert not (ws / "serve" / "state.json").exists()
     gone = subprocess.run([LIFECYCLE, "serve", "status", "--workspace", str(ws)])
     assert gone.returncode == 1
+
+    # A promotion by hand, then `lifecycle rollback`: the alias walks back its history.
+    from lifecycle.registry import set_champion
+
+    set_champion(uri, "tiny-llm", "2")
+    r = subprocess.run(
+        [LIFECYCLE, "rollback", "--workspace", str(ws)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "champion 2 -> 1" in r.stdout, r.stderr
+    assert str(c.get_model_version_by_alias("tiny-llm", "champion").version) == "1"
 
 
 def test_the_key_never_leaves_the_environment(whole_chain):
@@ -396,7 +366,7 @@ POOL = "lifecycle-test"
 FAST = [
     "sft.max_steps=100",
     "rlhf.max_steps=30",
-    "rlhf.reward_model.max_steps=60",
+    "rlhf.reward_model=null",
     "rlhf.rlaif.num_prompts=64",
     "rlhf.eval_prompts=32",
     "quantize.onnx=false",
@@ -546,6 +516,8 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
         start_new_session=True,
     )
     url = None
+    results: list[tuple[int, str]] = []
+    stop, client = threading.Event(), None
     try:
         # The full chain's deployment, here for its data stage only: cached from the chain.
         out = _run_deployment(env, "lifecycle/full", {"stages": ["data"], "overrides": ports()})
@@ -571,7 +543,17 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
         assert red["serving"] and _served(url) == f"tiny-llm/{champ0}"
 
         # 3. New data: a candidate trained from the champion's weights; the (open) gate
-        # passes, the alias moves, and the running server rolls over to it.
+        # passes, the alias moves, and the running server rolls over to it. A client keeps
+        # sending requests from here to the end: every one is answered through each roll-over.
+        def steady() -> None:
+            body = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6}
+            while not stop.is_set():
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+                results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
+                stop.wait(0.5)
+
+        client = threading.Thread(target=steady)
+        client.start()
         new = tmp_path / "new.jsonl"
         from lifecycle.data.demo import generate, write_jsonl
 
@@ -626,7 +608,17 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
         out = _run_deployment(env, "lifecycle/redeploy", {"version": int(champ0)})
         assert "Completed" in out, out[-3000:]
         assert champion() == champ0 and _served(url) == f"tiny-llm/{champ0}"
+        time.sleep(2)
+        stop.set()
+        client.join()
+        assert results and all(code == 200 for code, _ in results), results
+        seen = [v for _, v in results]
+        assert seen[0] == f"tiny-llm/{champ0}" and seen[-1] == f"tiny-llm/{champ0}", seen
+        assert f"tiny-llm/{cand}" in seen, seen
     finally:
+        stop.set()
+        if client is not None:
+            client.join()
         subprocess.run([LIFECYCLE, "serve", "stop", "--workspace", str(ws)], timeout=300)
         _stop(worker)
         worker_log.close()

@@ -1,7 +1,9 @@
-"""A run killed during RLHF and resumed: `lifecycle run --resume NAME` reruns the run as it
-was asked for (config, stages, `--from` sources) and training goes on from its last committed
-checkpoint. Its own workspace, starting from the whole chain's pretrained model and data (read
-only), so it runs beside the chain module's tests."""
+"""Bring your own model, killed during RLHF and resumed: configs/finetune_cpu.yaml with
+`--from pretrain=DIR` on a tiny Qwen2 (grouped-query attention, q/k/v biases, untied
+embeddings, ChatML template: lifecycle/tiny.py) — the data stage tokenizes with its tokenizer,
+SFT and DPO render with its template. `lifecycle run --resume NAME` reruns the run as it was
+asked for (config, stages, `--from` sources) and training goes on from its last committed
+checkpoint. Its own workspace, beside the chain module's tests."""
 
 from __future__ import annotations
 
@@ -19,19 +21,21 @@ from tests.conftest import LIFECYCLE, ROOT, free_port
 from tests.conftest import run_cli as _run
 
 
-@pytest.mark.timeout(2400)  # may wait for the session's whole chain
-def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain, tmp_path):
+@pytest.mark.timeout(1800)
+def test_a_model_dir_fine_tuned_killed_during_rlhf_resumes_from_its_checkpoint(tmp_path):
     """The driver is killed (SIGKILL to its process group) once DPO has committed a
-    checkpoint; `--resume` reruns the same sub-chain from the same sources: SFT comes back
-    cached and DPO goes on from the checkpoint, not from step 0."""
-    _, summary = whole_chain
-    chain = {s["stage"]: s for s in summary["stages"]}
+    checkpoint; `--resume` reruns the same sub-chain from the same sources: data and SFT come
+    back cached and DPO goes on from the checkpoint, not from step 0."""
+    from lifecycle.tiny import build
+
+    model_dir = build("qwen2", tmp_path / "qwen2")
     ws = tmp_path / "ws"
-    sources = ["--from", f"pretrain={chain['pretrain']['artifact_uri']}"]
-    sources += ["--from", f"data={chain['data']['artifact_uri']}"]
-    longer = ["--set", "rlhf.max_steps=300", "--set", "rlhf.checkpoint_every=50"]
-    cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json"]
-    cmd += ["--run-name", "killed", "--stages", "sft,rlhf", *sources, *longer]
+    sources = ["--from", f"pretrain={model_dir}"]
+    short = ["sft.max_steps=150", "rlhf.reward_model=null", "rlhf.rlaif.num_prompts=128"]
+    short += ["rlhf.eval_prompts=64", "rlhf.max_steps=200", "rlhf.checkpoint_every=50"]
+    cmd = [LIFECYCLE, "run", "configs/finetune_cpu.yaml", "--workspace", str(ws), "--json"]
+    cmd += ["--run-name", "killed", "--stages", "data,sft,rlhf", *sources]
+    cmd += [a for o in short for a in ("--set", o)]
     metrics_port = free_port()
     cmd += ["--set", f"cluster.dashboard_port={free_port()}"]
     cmd += ["--set", f"cluster.metrics_export_port={metrics_port}"]
@@ -65,7 +69,7 @@ def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain, tmp_p
     assert any(
         'stage="sft"' in ln and 'status="completed"' in ln and ln.endswith(" 1.0") for ln in status
     ), status
-    assert "ray_lifecycle_train_loss{" in seen and 'stage="rlhf-reward"' in seen
+    assert "ray_lifecycle_train_loss{" in seen and 'stage="sft"' in seen
     assert (ws / "runs" / "killed" / "config.yaml").is_file()
     assert not (ws / "runs" / "killed" / "summary.json").exists()
 
@@ -75,9 +79,9 @@ def test_a_run_killed_during_rlhf_resumes_from_its_checkpoint(whole_chain, tmp_p
     assert rc == 0, resumed
     assert resumed["run_name"] == "killed"
     got = {s["stage"]: s for s in resumed["stages"]}
-    assert list(got) == ["sft", "rlhf"]
-    assert got["sft"]["status"] == "cached"
+    assert list(got) == ["data", "sft", "rlhf"]
+    assert got["data"]["status"] == got["sft"]["status"] == "cached"
     rl = got["rlhf"]
-    assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 300
+    assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 200
     assert rl["metrics"]["dpo/resumed_from_step"] >= 50, rl["metrics"]
     assert Path(rl["artifact_uri"], "model.safetensors").is_file()
