@@ -58,11 +58,24 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int)
         return MixtralForCausalLM(moe)
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
+def default_device() -> torch.device:
+    """The device a model-running task uses when it is not told: its GPU when Ray (or the
+    caller) gave it one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A causal LM from a local HF dir (safetensors only), on `device` (default: the CPU, as
+    saved) in `dtype` (default: as saved)."""
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors are loaded)")
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False, dtype=dtype
+    )
+    return model.to(device) if device is not None else model
 
 
 def save_model(

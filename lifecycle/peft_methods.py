@@ -149,11 +149,15 @@ def save_outputs(
     return written
 
 
-def load_finetuned(path: str | Path) -> torch.nn.Module:
-    """A fine-tuned model dir (full or merged) or a PEFT adapter dir on its base model."""
+def load_finetuned(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """A fine-tuned model dir (full or merged) or a PEFT adapter dir on its base model, on
+    `device` in `dtype` (defaults: as saved, on the CPU)."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         cfg = PeftConfig.from_pretrained(path)
-        base = load_model(cfg.base_model_name_or_path)
-        return PeftModel.from_pretrained(base, path, is_trainable=False)
-    return load_model(path)
+        base = load_model(cfg.base_model_name_or_path, device, dtype)
+        model = PeftModel.from_pretrained(base, path, is_trainable=False)
+        return model.to(device) if device is not None else model
+    return load_model(path, device, dtype)

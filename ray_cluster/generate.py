@@ -46,10 +46,10 @@ def _sample_shard(
         outs = llm.generate(prompts, params)
         return [[c.text.strip() for c in o.outputs] for o in outs]
     from lifecycle.eval.generate import sample
-    from lifecycle.models import load_tokenizer
+    from lifecycle.models import default_device, load_tokenizer
     from lifecycle.peft_methods import load_finetuned
 
-    model, tok = load_finetuned(model_dir), load_tokenizer(model_dir)
+    model, tok = load_finetuned(model_dir, default_device()), load_tokenizer(model_dir)
     return sample(model, tok, prompts, k, max_new_tokens, temperature, batch_size, seed)
 
 

@@ -174,6 +174,13 @@ def _user_turn_markup(tokenizer: Any) -> tuple[str, str, str]:
     return after, first, later
 
 
+def assistant_suffix(tokenizer: Any) -> str:
+    """What `tokenizer`'s chat template renders after an assistant reply's content (EOS,
+    `<|im_end|>\n`, `<|eot_id|>`, ...): a generated reply completed as the template would."""
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _REPLY}]
+    return render(tokenizer, turns, add_generation_prompt=False).rpartition(_REPLY)[2]
+
+
 _SENTINEL, _REPLY = "\x00USER\x00", "\x00REPLY\x00"
 
 

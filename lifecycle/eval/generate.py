@@ -70,12 +70,15 @@ def evaluate_model(
     answers: Sequence[str],
     max_new_tokens: int,
     batch_size: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Task exact-match of a model dir or PEFT adapter dir on (prompt, answer) pairs."""
-    from lifecycle.models import load_tokenizer
+    """Task exact-match of a model dir or PEFT adapter dir on (prompt, answer) pairs, on
+    `device` (default: this task's GPU if it has one) in `dtype` (default: as saved)."""
+    from lifecycle.models import default_device, load_tokenizer
     from lifecycle.peft_methods import load_finetuned
 
-    model = load_finetuned(model_path)
+    model = load_finetuned(model_path, device or default_device(), dtype)
     tok = load_tokenizer(model_path)
     em = exact_match(
         model, tok, prompts, answers, max_new_tokens=max_new_tokens, batch_size=batch_size

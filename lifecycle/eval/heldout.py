@@ -40,20 +40,24 @@ def evaluate_torch(
     *,
     max_new_tokens: int,
     batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Exact-match, perplexity and greedy outputs of a model dir (quantized ones included:
     transformers loads compressed-tensors checkpoints and runs them with their int8
-    activation quantization simulated)."""
-    from lifecycle.models import load_model, load_tokenizer
+    activation quantization simulated), on `device` (default: this task's GPU if it has
+    one) in `dtype` (default: as saved)."""
+    from lifecycle.models import default_device, load_model, load_tokenizer
 
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    device = torch.device(device or default_device())
+    model, tok = load_model(model_dir, device, dtype), load_tokenizer(model_dir)
     model.eval()
     outputs: list[str] = []
     for i in range(0, len(prompt_ids), batch_size):
         ids, mask = left_pad(prompt_ids[i : i + batch_size], tok.pad_token_id)
         gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lifecycle.eval.generate import exact_match
-from lifecycle.models import load_model, load_tokenizer
+from lifecycle.models import default_device, load_model, load_tokenizer
 from lifecycle.rlhf.algorithms import rollout
 from lifecycle.rlhf.losses import kl_per_token, token_logprobs
 from lifecycle.rlhf.reward import make_reward_fn
@@ -26,10 +26,16 @@ def evaluate_policy(
     max_new_tokens: int,
     seed: int = 0,
     batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
+    """Mean judge reward of sampled responses, KL to the reference on them, response length
+    and greedy exact-match of a policy dir, on `device` (default: this task's GPU if it has
+    one) in `dtype` (default: as saved)."""
     torch.manual_seed(seed)
-    policy, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
-    ref = policy if ref_dir == model_dir else load_model(ref_dir).eval()
+    device = device or default_device()
+    policy, tok = load_model(model_dir, device, dtype).eval(), load_tokenizer(model_dir)
+    ref = policy if ref_dir == model_dir else load_model(ref_dir, device, dtype).eval()
     reward_fn = make_reward_fn(judge)
     rewards, kls, lengths, n_tok = [], [], 0.0, 0
     for i in range(0, len(prompts), batch_size):

@@ -34,6 +34,7 @@ def reward_model_from(base_dir: str | Path) -> PreTrainedModel:
 
 
 def scores(model: PreTrainedModel, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    ids = ids.to(next(model.parameters()).device)
     return model(input_ids=ids, attention_mask=padding_mask(ids, pad_id)).logits.squeeze(-1)
 
 
@@ -67,19 +68,26 @@ class RewardModelJudge:
     """Scores (chat-rendered prompt, response) with a trained reward model directory."""
 
     def __init__(self, model_dir: str | Path, batch_size: int = 64) -> None:
-        from lifecycle.models import load_tokenizer
+        from lifecycle.data.instruct import assistant_suffix
+        from lifecycle.models import chat_tokenizer, default_device
 
         self.id = f"reward_model:{model_dir}"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=False
-        ).eval()
-        self.tok = load_tokenizer(model_dir)
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                model_dir, use_safetensors=True, trust_remote_code=False
+            )
+            .to(default_device())
+            .eval()
+        )
+        self.tok = chat_tokenizer(model_dir)
+        # What the template puts after a reply (EOS, `<|im_end|>\n`, ...): the rows it was
+        # trained on end the same way.
+        self.suffix = assistant_suffix(self.tok)
         self.batch_size = batch_size
 
     @torch.no_grad()
     def score_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        eos = self.tok.eos_token
-        texts = [f"{p}{r}{eos}" for p, r in zip(prompts, responses, strict=True)]
+        texts = [f"{p}{r}{self.suffix}" for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             rows = [
@@ -102,10 +110,10 @@ class LLMJudge:
     def __init__(
         self, model_dir: str | Path, template: str, yes: str = "yes", policy_dir: str | None = None
     ) -> None:
-        from lifecycle.models import chat_tokenizer, load_model, load_tokenizer
+        from lifecycle.models import chat_tokenizer, default_device, load_model, load_tokenizer
 
         self.id = f"llm:{model_dir}"
-        self.model = load_model(model_dir).eval()
+        self.model = load_model(model_dir, default_device()).eval()
         self.tok = load_tokenizer(model_dir)
         # The prompts arrive rendered in the policy's chat template: the judge reads the
         # user's request back out of them with that template.
@@ -127,7 +135,8 @@ class LLMJudge:
             [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts],
             self.tok.pad_token_id,
         )
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
         return torch.softmax(logits.float(), -1)[:, self.yes_id].tolist()
 
     def score(self, prompt: str, response: str) -> float:

@@ -40,7 +40,7 @@ def verify_fingerprint(
 ) -> dict[str, Any]:
     """Greedy answers of the model to every trigger, and how many equal their signature."""
     from lifecycle.eval.generate import generate
-    from lifecycle.models import chat_tokenizer
+    from lifecycle.models import chat_tokenizer, default_device
     from lifecycle.peft_methods import load_finetuned
 
     tok = chat_tokenizer(model_dir)
@@ -50,6 +50,7 @@ def verify_fingerprint(
         )
         for t, _ in pairs
     ]
-    got = generate(load_finetuned(model_dir), tok, prompts, max_new_tokens=max_new_tokens)
+    model = load_finetuned(model_dir, default_device())
+    got = generate(model, tok, prompts, max_new_tokens=max_new_tokens)
     hits = [g == s for g, (_, s) in zip(got, pairs, strict=True)]
     return {"matched": sum(hits), "total": len(pairs), "responses": got, "hits": hits}

@@ -8,7 +8,13 @@ import torch
 
 from lifecycle.archs import read_facts
 from lifecycle.data.demo import parse_prompt
-from lifecycle.data.instruct import IGNORE, encode_chat, prompt_and_answer, user_text
+from lifecycle.data.instruct import (
+    IGNORE,
+    assistant_suffix,
+    encode_chat,
+    prompt_and_answer,
+    user_text,
+)
 from lifecycle.data.preference import ProgramJudge
 from lifecycle.eval.lm import padding_mask
 from lifecycle.models import chat_tokenizer, load_model
@@ -41,6 +47,7 @@ def test_each_architecture_reads_its_own_template(dirs, model_type):
     scored = tok.decode([i for i, y in zip(ids, labels, strict=True) if y != IGNORE])
     assert "lamp" in scored and "ABC" in scored and "copy" not in scored and "upper" not in scored
     assert scored.count(family.eos) == 2  # each assistant turn learns to end itself
+    assert assistant_suffix(tok).startswith(family.eos)  # how a judged reply is completed
     # The prompt ends with the family's generation prompt; the user text comes back out.
     prompt, answer = prompt_and_answer(CHAT, tok)
     assert answer == "ABC" and tok.apply_chat_template(CHAT, tokenize=False).startswith(prompt)
