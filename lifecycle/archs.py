@@ -39,8 +39,10 @@ ARCHS: dict[str, Arch] = {
     "mixtral": Arch(
         "Mixtral (MoE)",
         "sparse experts",
-        quantize_refusal="the mixture-of-experts layers are not quantized by this project yet; "
-        "distill into a dense student (distill.student) or set quantize: null",
+        quantize_refusal="the mixture-of-experts layers are not quantized by this project yet "
+        "(transformers holds the experts as fused 3-D tensors, not the linear layers the "
+        "compressors and compressed-tensors work on); distill into a dense student "
+        "(distill.student) or set quantize: null",
     ),
 }
 

@@ -88,8 +88,14 @@ def _compress_job(
     }
     batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
 
+    # The worker's device: a GPU when the stage's scaling asks for one. The model stays on
+    # the CPU in fp32; each decoder layer visits the device in turn, its forwards in bf16 there.
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    result = compress_weights(model, batches, cfg)
+    result = compress_weights(model, batches, cfg, device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
     save_compressed(model, tok, result["scales"], cfg, Path(out_dir) / "model")
 

@@ -1,10 +1,15 @@
-"""Post-training quantization and pruning of a Llama-family model, written in the
-compressed-tensors format that vLLM loads (`int-quantized` for W8A8, `pack-quantized` for W4A16).
+"""Post-training quantization and pruning of a dense decoder LM (Llama 3, Mistral, Qwen2/3,
+Gemma 2/3, Phi-3: lifecycle/compress/layout.py has each one's table), written in the
+compressed-tensors format that vLLM loads (`int-quantized` for W8A8, `pack-quantized` for
+W4A16). Mixture-of-experts models are refused with the reason lifecycle/archs.py gives (the
+config check prints the same words before anything trains).
 
-Run it alone (the compression stage calls the same function):
+Run it alone (the compression stage calls the same functions):
 
-    from lifecycle.compress.quantize import compress
-    report = compress(model, calib_ids, QuantizeConfig(method="w4a16"), out_dir, tokenizer)
+    from lifecycle.compress.quantize import compress_weights, save_compressed
+    result = compress_weights(model, calib_batches, QuantizeConfig(method="w4a16"),
+                              device="cuda", dtype=torch.bfloat16)
+    save_compressed(model, tokenizer, result["scales"], cfg, out_dir)
 
 Algorithms, all our own code on plain torch (compressed-tensors only writes the format):
 
@@ -13,42 +18,54 @@ Algorithms, all our own code on plain torch (compressed-tensors only writes the 
   spread over the columns not yet quantized through the inverse Hessian of the layer's
   calibration inputs (H = 2 XᵀX), in blocks, with dampening.
 - **SmoothQuant** (Xiao et al. 2023), for W8A8: per input channel s = max|X|^α / max|W|^(1-α);
-  the preceding RMSNorm is divided by s and the weights multiplied by it, so activation
-  outliers move into the weights before int8 rounding of both.
+  the preceding RMSNorm is divided by s (Gemma's (1 + w) norms: w ← (1 + w)/s − 1) and the
+  weights multiplied by it, so activation outliers move into the weights before int8 rounding.
 - **AWQ** (Lin et al. 2023), int4: per input channel s = mean|X|^r, r searched on a grid to
   minimise the output error of the quantized layers on calibration inputs; s folded into the
-  preceding norm (or linear) exactly as above; then group-wise RTN.
+  preceding norm or linear exactly as above (into v_proj's rows under grouped-query attention
+  as one scale per kv-head channel, repeated over the query heads that share it; biases and
+  the v / up blocks of fused qkv / gate_up projections scaled with their rows); then
+  group-wise RTN.
 - **Pruning**: magnitude (per row) or SparseGPT (Frantar & Alistarh 2023: the weights whose
   removal costs least by w²/[H⁻¹]²_jj go, the error is compensated like GPTQ), unstructured at
   a target share per row or 2:4 semi-structured; pruned weights stay exactly zero through
   quantization (symmetric scales map 0 to 0).
 
-Layers are processed in forward order, each group of linears that share an input seeing the
-already-compressed layers before it (as GPTQ does sequentially).
+Layer by layer, as the reference GPTQ: the calibration set goes through the embeddings once
+and the inputs of the decoder layers (with each layer's attention mask and position
+embeddings) are cached; each layer is moved to the compute device, its scales folded from one
+pass's statistics, its groups of linears compressed in forward order (each group's Hessian
+from a pass that sees the groups before it already compressed, stopped at that group's
+input), and the compressed layer run once more to give the next layer its inputs. Forward
+work is O(layers) (`log["layer_forwards"]` counts decoder-layer calls). Forward passes run in
+the given compute dtype (autocast), Hessians and weight math in fp32; the weights stay in the
+model's dtype (fp32 in the stage) so they stay exactly on their int grid. Embeddings and
+`lm_head` (tied or not) are never changed or quantized.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lifecycle.compress.layout import (
+    Heads,
+    NotQuantizable,
+    check_layer,
+    heads_of,
+    layout_for,
+    provider_rows,
+)
 from lifecycle.config import PruneConfig, QuantizeConfig
 
-# (input provider, linears sharing that input) per decoder layer, in forward order. The
-# provider is what AWQ/SmoothQuant fold their per-channel scale into: an RMSNorm (its weight)
-# or a linear (its output rows) whose output is that input, up to linear operations.
-LLAMA_GROUPS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
+__all__ = ["NotQuantizable", "compress_weights", "save_compressed"]
+
 BITS = {"w8a8": 8, "w4a16": 4, "awq": 4}
 AWQ_SAMPLE_ROWS = 4096
 
@@ -125,7 +142,7 @@ def obs_compress(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += dampening * torch.mean(torch.diag(h)) * torch.eye(cols)
+    h += dampening * torch.mean(torch.diag(h)) * torch.eye(cols, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     if group_size is not None:  # keep every group inside one block
@@ -135,7 +152,7 @@ def obs_compress(
         scales = (
             symmetric_scales(w, bits, None)
             if group_size is None
-            else torch.zeros(rows, cols // group_size)
+            else torch.zeros(rows, cols // group_size, device=w.device)
         )
     mask = keep.clone() if keep is not None else None
     if prune is not None:
@@ -187,72 +204,173 @@ def rtn(
 
 
 # --------------------------------------------------------------------------------------------
-# Calibration statistics
+# Calibration: the inputs of each decoder layer, captured once and carried layer to layer
 # --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needed has been seen."""
 
 
 @dataclass
 class InputStats:
     """What the calibration inputs of one linear (or of a group sharing an input) look like."""
 
-    hessian: torch.Tensor
+    hessian: torch.Tensor | None
     absmax: torch.Tensor
     absmean: torch.Tensor
     sample: torch.Tensor
     rows: int = 0
-    _chunks: list[torch.Tensor] = field(default_factory=list)
 
 
-def collect_input_stats(
-    model: nn.Module, modules: dict[str, nn.Linear], batches: list[torch.Tensor]
-) -> dict[str, InputStats]:
-    """Runs the calibration batches and records, per module: H = 2/n Σ xxᵀ, max|x| and
-    mean|x| per input channel, and up to AWQ_SAMPLE_ROWS input rows."""
-    acc: dict[str, dict[str, Any]] = {}
+class _Accumulator:
+    """Running input statistics of one linear: H = 2/n Σ xxᵀ (fp32, only when asked), max|x|
+    and mean|x| per input channel, and the first AWQ_SAMPLE_ROWS input rows."""
 
-    def hook(name: str):
-        def f(_mod: nn.Module, args: tuple, _out: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            a = acc.setdefault(
-                name,
-                {
-                    "h": torch.zeros(x.shape[1], x.shape[1]),
-                    "max": torch.zeros(x.shape[1]),
-                    "sum": torch.zeros(x.shape[1]),
-                    "n": 0,
-                    "rows": [],
-                    "kept": 0,
-                },
-            )
-            a["h"] += x.T @ x
-            a["max"] = torch.maximum(a["max"], x.abs().amax(dim=0))
-            a["sum"] += x.abs().sum(dim=0)
-            a["n"] += x.shape[0]
-            if a["kept"] < AWQ_SAMPLE_ROWS:
-                take = x[: AWQ_SAMPLE_ROWS - a["kept"]]
-                a["rows"].append(take)
-                a["kept"] += take.shape[0]
+    def __init__(self, hessian: bool) -> None:
+        self.want_h = hessian
+        self.h: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+        self.rows: list[torch.Tensor] = []
+        self.kept = 0
 
-        return f
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.max is None:
+            self.max = torch.zeros(x.shape[1], device=x.device)
+            self.sum = torch.zeros(x.shape[1], device=x.device)
+            if self.want_h:
+                self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        if self.h is not None:
+            self.h += x.T @ x
+        self.max = torch.maximum(self.max, x.abs().amax(dim=0))
+        self.sum += x.abs().sum(dim=0)
+        self.n += x.shape[0]
+        if self.kept < AWQ_SAMPLE_ROWS:
+            take = x[: AWQ_SAMPLE_ROWS - self.kept]
+            self.rows.append(take)
+            self.kept += take.shape[0]
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {
-        n: InputStats(
-            hessian=2 * a["h"] / a["n"],
-            absmax=a["max"],
-            absmean=a["sum"] / a["n"],
-            sample=torch.cat(a["rows"]),
-            rows=a["n"],
+    def stats(self) -> InputStats:
+        return InputStats(
+            hessian=None if self.h is None else 2 * self.h / self.n,
+            absmax=self.max,
+            absmean=self.sum / self.n,
+            sample=torch.cat(self.rows),
+            rows=self.n,
         )
-        for n, a in acc.items()
-    }
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (`model.model` of a *ForCausalLM) holding `.layers`."""
+    inner = getattr(model, "model", model)
+    if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at .model.layers")
+    return inner
+
+
+def capture_layer_inputs(
+    model: nn.Module, batches: list[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict[str, Any]]]]]:
+    """Runs the calibration batches through the embeddings once and returns what decoder
+    layer 0 receives (hidden states, in `dtype`, on `device`) and what every layer is called
+    with besides them ([layer][batch] → (args, kwargs): attention mask, position embeddings
+    — per layer, since Gemma's sliding and global layers get different ones).
+
+    Every layer's forward is swapped for a recorder that hands its input straight on, and the
+    last one ends the pass, so no layer computes anything (the "Catcher" of GPTQ/AutoGPTQ,
+    extended to all layers). Only the modules outside the layers visit `device`."""
+    inner = base_model(model)
+    layers = list(inner.layers)
+    home = next(model.parameters()).device
+    outside = [m for n, m in inner.named_children() if n != "layers"]
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in layers]
+
+    def recorder(i: int):
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if i == 0:
+                hidden.append(hidden_states.detach().to(dtype))
+            calls[i].append((args, kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        for m in outside:
+            m.to(device)
+        with _autocast(device, dtype):
+            for ids in batches:
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+        for m in outside:
+            m.to(home)
+    return hidden, calls
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class LayerRunner:
+    """Forward passes of one decoder layer over the cached calibration inputs, counted."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        hidden: list[torch.Tensor],
+        calls: list[tuple[tuple, dict[str, Any]]],
+        device: torch.device,
+        dtype: torch.dtype,
+        log: dict[str, Any],
+    ) -> None:
+        self.layer, self.hidden, self.calls = layer, hidden, calls
+        self.device, self.dtype, self.log = device, dtype, log
+
+    def _forward(self, b: int) -> torch.Tensor:
+        self.log["layer_forwards"] += 1
+        args, kwargs = self.calls[b]
+        with _autocast(self.device, self.dtype):
+            return self.layer(self.hidden[b], *args, **kwargs)
+
+    def stats(self, modules: dict[str, nn.Module], *, hessian: bool) -> dict[str, InputStats]:
+        """Input statistics of `modules` (in forward order); each pass stops at the input of
+        the last one."""
+        acc = {n: _Accumulator(hessian) for n in modules}
+        last = list(modules)[-1]
+
+        def hook(name: str):
+            def f(_mod: nn.Module, args: tuple) -> None:
+                acc[name].add(args[0])
+                if name == last:
+                    raise _Stop
+
+            return f
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        try:
+            for b in range(len(self.hidden)):
+                with contextlib.suppress(_Stop):
+                    self._forward(b)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: a.stats() for n, a in acc.items()}
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The (compressed) layer's outputs: the next layer's inputs."""
+        return [self._forward(b).detach().to(self.dtype) for b in range(len(self.hidden))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,18 +378,54 @@ def collect_input_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def fold_scale(provider: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+def expand_heads(s: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """Per kv-head channel (kv·head_dim) → per query-head channel (heads·head_dim): query head
+    h reads kv head h // repeat (transformers' repeat_kv and SDPA's enable_gqa)."""
+    return s.reshape(heads.num_kv_heads, 1, heads.head_dim).expand(-1, heads.repeat, -1).reshape(-1)
+
+
+def reduce_heads(v: torch.Tensor, heads: Heads, how: str = "mean") -> torch.Tensor:
+    """Per query-head channel → per kv-head channel, over the query heads that share it."""
+    g = v.reshape(heads.num_kv_heads, heads.repeat, heads.head_dim)
+    return (g.mean(dim=1) if how == "mean" else g.amax(dim=1)).reshape(-1)
+
+
+def fold_scale(
+    provider: nn.Module,
+    linears: list[nn.Linear],
+    s: torch.Tensor,
+    *,
+    kind: str | None = None,
+    rows: slice | None = None,
+    heads: Heads | None = None,
+) -> None:
     """Divides the provider's output channels by `s` and multiplies the linears' input
-    columns by it: the function computed is unchanged (up to float rounding)."""
+    columns by it (repeated over the query heads sharing a kv head when `heads` is given):
+    the function computed is unchanged (up to float rounding).
+
+    `kind` (default: "linear" for an nn.Linear, else "rmsnorm"): "rmsnorm" divides the
+    norm's weight; "rmsnorm_plus_one" (Gemma's (1 + w)) sets w ← (1 + w) / s − 1; "linear"
+    divides the output rows `rows` (all by default) and their bias entries."""
+    kind = kind or ("linear" if isinstance(provider, nn.Linear) else "rmsnorm")
+    s = s.detach().float()
     with torch.no_grad():
-        if isinstance(provider, nn.Linear):
-            provider.weight.div_(s.reshape(-1, 1).to(provider.weight.dtype))
+        w = provider.weight
+        if kind == "linear":
+            sl = rows if rows is not None else slice(None)
+            w[sl] = (w[sl].float() / s.to(w.device).reshape(-1, 1)).to(w.dtype)
             if provider.bias is not None:
-                provider.bias.div_(s.to(provider.bias.dtype))
-        else:  # RMSNorm: y = w ⊙ x / rms(x)
-            provider.weight.div_(s.to(provider.weight.dtype))
+                b = provider.bias
+                b[sl] = (b[sl].float() / s.to(b.device)).to(b.dtype)
+        elif kind == "rmsnorm":
+            w.copy_((w.float() / s.to(w.device)).to(w.dtype))
+        elif kind == "rmsnorm_plus_one":
+            w.copy_(((1 + w.float()) / s.to(w.device) - 1).to(w.dtype))
+        else:
+            raise ValueError(f"unknown provider kind {kind!r}")
+        s_in = expand_heads(s, heads) if heads is not None else s
         for lin in linears:
-            lin.weight.mul_(s.reshape(1, -1).to(lin.weight.dtype))
+            lw = lin.weight
+            lw.copy_((lw.float() * s_in.to(lw.device).reshape(1, -1)).to(lw.dtype))
 
 
 def smoothquant_scales(
@@ -283,115 +437,167 @@ def smoothquant_scales(
 
 
 def awq_scales(
-    stats: InputStats, linears: list[nn.Linear], bits: int, group_size: int, grid: int
+    stats: InputStats,
+    linears: list[nn.Linear],
+    bits: int,
+    group_size: int,
+    grid: int,
+    heads: Heads | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The per-channel scale s = mean|x|^r (r on a grid in [0, 1)) that minimises the output
-    error of the group-quantized linears on the sampled inputs; returns (s, best r)."""
+    error of the group-quantized linears on the sampled inputs; returns (s, best r).
+
+    With `heads` (v → o under grouped-query attention) s has one entry per kv-head channel,
+    from mean|x| averaged over the query heads that read it, and is searched as repeated over
+    them: the only scales a fold into v_proj can carry exactly."""
     x = stats.sample
     ref = [x @ lin.weight.detach().float().T for lin in linears]
     base = stats.absmean.clamp(min=1e-6)
+    if heads is not None:
+        base = reduce_heads(base, heads)
     best, best_r, best_err = torch.ones_like(base), 0.0, math.inf
     for k in range(grid):
         r = k / grid
         s = base**r
         s = s / (s.max() * s.min()).sqrt()
+        s_in = (expand_heads(s, heads) if heads is not None else s).reshape(1, -1)
         err = 0.0
         for lin, y in zip(linears, ref, strict=True):
-            w = lin.weight.detach().float() * s.reshape(1, -1)
-            wq, _ = rtn(w, bits, group_size)
-            err += float(((x @ (wq / s.reshape(1, -1)).T - y) ** 2).mean())
+            wq, _ = rtn(lin.weight.detach().float() * s_in, bits, group_size)
+            err += float(((x @ (wq / s_in).T - y) ** 2).mean())
         if err < best_err:
             best, best_r, best_err = s, r, err
     return best, best_r
 
 
 # --------------------------------------------------------------------------------------------
-# The whole model
+# The whole model, layer by layer
 # --------------------------------------------------------------------------------------------
 
 
-def decoder_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers") or model.config.model_type != "llama":
-        raise ValueError(
-            f"quantization supports Llama-family models; got model_type {model.config.model_type!r}"
+def _compress_linear(
+    lin: nn.Linear,
+    hessian: torch.Tensor | None,
+    cfg: QuantizeConfig,
+    bits: int | None,
+    group: int | None,
+    use_gptq: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    keep = None
+    if cfg.prune is not None and cfg.prune.method == "magnitude":
+        keep = prune_mask_from_scores(lin.weight.detach().float().abs(), cfg.prune)
+    if hessian is not None:
+        sparsegpt = cfg.prune if cfg.prune and cfg.prune.method == "sparsegpt" else None
+        w, sc, keep = obs_compress(
+            lin.weight,
+            hessian,
+            bits=bits if use_gptq else None,
+            group_size=group,
+            prune=sparsegpt,
+            keep=keep,
+            dampening=cfg.gptq_dampening,
         )
-    for i, layer in enumerate(inner.layers):
-        yield f"model.layers.{i}", layer
+        if bits is not None and not use_gptq:  # SparseGPT, then RTN/AWQ rounding
+            w, sc = rtn(w, bits, group, keep)
+        return w, sc, keep
+    if bits is not None:
+        w, sc = rtn(lin.weight, bits, group, keep)
+        return w, sc, keep
+    return lin.weight.detach().float() * keep, None, keep
 
 
 @torch.no_grad()
 def compress_weights(
-    model: nn.Module, batches: list[torch.Tensor], cfg: QuantizeConfig
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    cfg: QuantizeConfig,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Prunes and/or quantizes every decoder linear of `model` in place (weights become their
-    dequantized values); returns {module name: scale tensor} under "scales" and a log."""
+    dequantized values, in the model's own dtype: keep it fp32 so they stay on the grid).
+
+    Layer by layer on `device` (default: where the model is): the calibration `batches` go
+    through the embeddings once; each layer is moved to `device`, compressed from the cached
+    inputs and run once more to produce the next layer's inputs, then moved back. Forward
+    passes run in `dtype` (autocast when not fp32); Hessians and weight math in fp32.
+
+    Returns {"scales": {module name: scale tensor}, "masks": {module name: keep mask},
+    "log": {"smoothquant_layers", "awq_ratios", "calibration_passes" (model forwards, one
+    per batch), "layer_forwards" (decoder-layer calls, one per batch each)}}; raises
+    NotQuantizable for an architecture the compressors refuse (MoE)."""
     method, bits = cfg.method, BITS.get(cfg.method)
     group = cfg.group_size if method in ("w4a16", "awq") else None
     use_gptq = bits is not None and method != "awq" and cfg.algorithm == "gptq"
+    needs_h = use_gptq or (cfg.prune is not None and cfg.prune.method == "sparsegpt")
+    smooth = method == "w8a8" and cfg.smoothquant_alpha is not None
     scales: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
-    log: dict[str, Any] = {"smoothquant_layers": 0, "awq_ratios": {}}
+    log: dict[str, Any] = {
+        "smoothquant_layers": 0,
+        "awq_ratios": {},
+        "calibration_passes": 0,
+        "layer_forwards": 0,
+    }
+    if bits is None and cfg.prune is None:
+        return {"scales": scales, "masks": masks, "log": log}
+    layout = layout_for(model.config)
+    heads = heads_of(model.config)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
     model.eval()
-    for prefix, layer in decoder_layers(model):
-        # Phase 1: fold per-channel scales (SmoothQuant / AWQ) into the layer, group by group.
-        for provider_name, names in LLAMA_GROUPS:
-            if provider_name is None:
-                continue
-            linears = [layer.get_submodule(n) for n in names]
-            provider = layer.get_submodule(provider_name)
-            first = f"{prefix}.{names[0]}"
-            if method == "w8a8" and cfg.smoothquant_alpha is not None:
-                if isinstance(provider, nn.Linear):
-                    continue  # SmoothQuant smooths what feeds the int8 activations: the norms
-                stats = collect_input_stats(model, {first: linears[0]}, batches)[first]
+    hidden, calls = capture_layer_inputs(model, batches, device, dtype)
+    log["calibration_passes"] = len(batches)
+    for i, layer in enumerate(base_model(model).layers):
+        prefix = f"model.layers.{i}"
+        check_layer(layout, layer, model.config)
+        layer.to(device)
+        run = LayerRunner(layer, hidden, calls[i], device, dtype, log)
+        # Phase 1: fold per-channel scales (SmoothQuant / AWQ), statistics from one pass
+        # (folds keep the layer's function, so one pass serves every group).
+        folds = [
+            g for g in layout.groups if method == "awq" or (smooth and g.provider.kind != "linear")
+        ]
+        if folds:
+            stats = run.stats(
+                {g.linears[0]: layer.get_submodule(g.linears[0]) for g in folds}, hessian=False
+            )
+            for g in folds:
+                st, p = stats[g.linears[0]], g.provider
+                linears = [layer.get_submodule(n) for n in g.linears]
+                fold_heads = heads if p.through_heads else None
+                if method == "awq":
+                    s, r = awq_scales(st, linears, bits, group, cfg.awq_grid, fold_heads)
+                    log["awq_ratios"][f"{prefix}.{g.linears[0]}"] = r
+                else:
+                    s = smoothquant_scales(st.absmax, linears, cfg.smoothquant_alpha)
+                    log["smoothquant_layers"] += 1
                 fold_scale(
-                    provider,
+                    layer.get_submodule(p.module),
                     linears,
-                    smoothquant_scales(stats.absmax, linears, cfg.smoothquant_alpha),
+                    s,
+                    kind=p.kind,
+                    rows=provider_rows(p, model.config),
+                    heads=fold_heads,
                 )
-                log["smoothquant_layers"] += 1
-            elif method == "awq":
-                stats = collect_input_stats(model, {first: linears[0]}, batches)[first]
-                s, r = awq_scales(stats, linears, bits, group, cfg.awq_grid)
-                fold_scale(provider, linears, s)
-                log["awq_ratios"][first] = r
         # Phase 2: prune and quantize, each group seeing the compressed groups before it.
-        for _provider, names in LLAMA_GROUPS:
-            linears = [layer.get_submodule(n) for n in names]
-            full = [f"{prefix}.{n}" for n in names]
-            needs_h = use_gptq or (cfg.prune is not None and cfg.prune.method == "sparsegpt")
+        for g in layout.groups:
+            linears = [layer.get_submodule(n) for n in g.linears]
             hessian = (
-                collect_input_stats(model, {full[0]: linears[0]}, batches)[full[0]].hessian
+                run.stats({g.linears[0]: linears[0]}, hessian=True)[g.linears[0]].hessian
                 if needs_h
                 else None
             )
-            for name, lin in zip(full, linears, strict=True):
-                keep = None
-                if cfg.prune is not None and cfg.prune.method == "magnitude":
-                    keep = prune_mask_from_scores(lin.weight.detach().float().abs(), cfg.prune)
-                if needs_h:
-                    sparsegpt = cfg.prune if cfg.prune and cfg.prune.method == "sparsegpt" else None
-                    w, sc, keep = obs_compress(
-                        lin.weight,
-                        hessian,
-                        bits=bits if use_gptq else None,
-                        group_size=group,
-                        prune=sparsegpt,
-                        keep=keep,
-                        dampening=cfg.gptq_dampening,
-                    )
-                    if bits is not None and not use_gptq:  # SparseGPT, then RTN/AWQ rounding
-                        w, sc = rtn(w, bits, group, keep)
-                elif bits is not None:
-                    w, sc = rtn(lin.weight, bits, group, keep)
-                else:
-                    w, sc = lin.weight.detach().float() * keep, None
+            for name, lin in zip(g.linears, linears, strict=True):
+                w, sc, keep = _compress_linear(lin, hessian, cfg, bits, group, use_gptq)
                 lin.weight.copy_(w.to(lin.weight.dtype))
                 if sc is not None:
-                    scales[name] = sc
+                    scales[f"{prefix}.{name}"] = sc.to(home)
                 if keep is not None:
-                    masks[name] = keep
+                    masks[f"{prefix}.{name}"] = keep.to(home)
+        hidden = run.outputs()
+        layer.to(home)
     return {"scales": scales, "masks": masks, "log": log}
 
 
