@@ -244,7 +244,10 @@ class _Accumulator:
             if self.want_h:
                 self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
         if self.h is not None:
-            self.h += x.T @ x
+            # Called from inside the layer's forward: leave its autocast, or XᵀX is summed in
+            # bf16 and comes out indefinite.
+            with torch.autocast(x.device.type, enabled=False):
+                self.h += x.T @ x
         self.max = torch.maximum(self.max, x.abs().amax(dim=0))
         self.sum += x.abs().sum(dim=0)
         self.n += x.shape[0]

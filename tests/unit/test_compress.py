@@ -11,6 +11,7 @@ from lifecycle.archs import ARCHS, read_facts
 from lifecycle.compress.distill import distill_loss, student_from_teacher
 from lifecycle.compress.layout import heads_of, layout_for, provider_rows
 from lifecycle.compress.quantize import (
+    LayerRunner,
     NotQuantizable,
     capture_layer_inputs,
     compress_weights,
@@ -460,3 +461,13 @@ def test_bf16_compute_keeps_the_format_and_the_quality(tiny_dir):
         ints = lin.weight / scale.repeat_interleave(32, dim=1)
         assert torch.allclose(ints, ints.round(), atol=1e-3)
     assert rel[torch.bfloat16] < 1.2 * rel[torch.float32], rel
+    # The Hessians are summed in fp32 even inside the bf16 forwards: positive semi-definite.
+    model = _load(tiny_dir("qwen2"))
+    bf16 = torch.bfloat16
+    hidden, calls = capture_layer_inputs(model, _tokens(4, 0), torch.device("cpu"), bf16)
+    layer = model.model.layers[0]
+    run = LayerRunner(layer, hidden, calls[0], torch.device("cpu"), bf16, {"layer_forwards": 0})
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        h = run.stats({name: layer.get_submodule(name)}, hessian=True)[name].hessian
+        eig = torch.linalg.eigvalsh(h.double())
+        assert h.dtype == torch.float32 and eig.min() > -1e-6 * eig.max(), (name, eig.min())
