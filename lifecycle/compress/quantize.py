@@ -528,8 +528,9 @@ def compress_weights(
 
     Returns {"scales": {module name: scale tensor}, "masks": {module name: keep mask},
     "log": {"smoothquant_layers", "awq_ratios", "calibration_passes" (model forwards, one
-    per batch), "layer_forwards" (decoder-layer calls, one per batch each)}}; raises
-    NotQuantizable for an architecture the compressors refuse (MoE)."""
+    per batch; 0 for RTN / magnitude pruning, which read only the weights), "layer_forwards"
+    (decoder-layer calls, one per batch each)}}; raises NotQuantizable for an architecture
+    the compressors refuse (MoE)."""
     method, bits = cfg.method, BITS.get(cfg.method)
     group = cfg.group_size if method in ("w4a16", "awq") else None
     use_gptq = bits is not None and method != "awq" and cfg.algorithm == "gptq"
@@ -550,18 +551,21 @@ def compress_weights(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model.eval()
-    hidden, calls = capture_layer_inputs(model, batches, device, dtype)
-    log["calibration_passes"] = len(batches)
+    folds = [
+        g for g in layout.groups if method == "awq" or (smooth and g.provider.kind != "linear")
+    ]
+    # Round-to-nearest and magnitude pruning read only the weights: no calibration at all.
+    calibrate = needs_h or bool(folds)
+    if calibrate:
+        hidden, calls = capture_layer_inputs(model, batches, device, dtype)
+        log["calibration_passes"] = len(batches)
     for i, layer in enumerate(base_model(model).layers):
         prefix = f"model.layers.{i}"
         check_layer(layout, layer, model.config)
         layer.to(device)
-        run = LayerRunner(layer, hidden, calls[i], device, dtype, log)
+        run = LayerRunner(layer, hidden, calls[i], device, dtype, log) if calibrate else None
         # Phase 1: fold per-channel scales (SmoothQuant / AWQ), statistics from one pass
         # (folds keep the layer's function, so one pass serves every group).
-        folds = [
-            g for g in layout.groups if method == "awq" or (smooth and g.provider.kind != "linear")
-        ]
         if folds:
             stats = run.stats(
                 {g.linears[0]: layer.get_submodule(g.linears[0]) for g in folds}, hessian=False
@@ -599,7 +603,8 @@ def compress_weights(
                     scales[f"{prefix}.{name}"] = sc.to(home)
                 if keep is not None:
                     masks[f"{prefix}.{name}"] = keep.to(home)
-        hidden = run.outputs()
+        if run is not None:
+            hidden = run.outputs()
         layer.to(home)
     return {"scales": scales, "masks": masks, "log": log}
 

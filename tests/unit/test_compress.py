@@ -416,6 +416,10 @@ def test_forward_work_grows_linearly_with_the_number_of_layers(tiny_dir):
         assert seen["layers"] == log["layer_forwards"] + layers * 4
         counts[layers] = log["layer_forwards"]
     assert counts[8] / counts[2] == pytest.approx(4.0, abs=0.1), counts
+    # Round-to-nearest reads only the weights: no forward at all.
+    rtn_cfg = QuantizeConfig(method="w4a16", algorithm="rtn", group_size=32)
+    log = compress_weights(_load(tiny_dir("qwen2")), _tokens(4, 0), rtn_cfg)["log"]
+    assert log["layer_forwards"] == log["calibration_passes"] == 0
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3"])
