@@ -303,6 +303,8 @@ def capture_layer_inputs(
 
         return forward
 
+    # A forward already set on the instance (accelerate's offload hooks wrap it so) is put back.
+    own = [layer.__dict__.get("forward") for layer in layers]
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
     try:
@@ -313,8 +315,11 @@ def capture_layer_inputs(
                 with contextlib.suppress(_Stop):
                     model(input_ids=ids.to(device), use_cache=False)
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
         for m in outside:
             m.to(home)
     return hidden, calls
