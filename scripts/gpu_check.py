@@ -73,7 +73,12 @@ def import_lifecycle(blocked: set[str]) -> dict[str, Any]:
 
 
 class Setup:
-    def __init__(self, device: str, dtype: str, workdir: Path) -> None:
+    """One architecture's model and tokenizer for every check: `arch="own"` is the project's
+    own (a grouped-query Llama built from `pretrain.model`, the data stage's BPE tokenizer and
+    chat template); any `lifecycle.tiny` model type is that family's tiny random model dir
+    with its own tokenizer and chat template."""
+
+    def __init__(self, device: str, dtype: str, workdir: Path, arch: str = "own") -> None:
         import torch
 
         from lifecycle.config import ModelConfig
@@ -84,10 +89,20 @@ class Setup:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.autocast = autocast_for(self.device, self.dtype)
-        self.workdir = workdir
+        self.arch = arch
+        self.workdir = workdir / arch
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.tasks = ["copy", "upper"]
         texts = [r["text"] for r in demo.generate(300, 0, tasks=self.tasks)]
-        self.tok = train_bpe(texts, 288, 2, workdir / "tok")
+        self.model_dir: Path | None = None
+        if arch == "own":
+            self.tok = train_bpe(texts, 288, 2, self.workdir / "tok")
+        else:
+            from lifecycle import tiny
+            from lifecycle.models import chat_tokenizer
+
+            self.model_dir = tiny.build(arch, self.workdir / "model")
+            self.tok = chat_tokenizer(self.model_dir)
         self.model_cfg = ModelConfig(
             hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128
         )
@@ -101,8 +116,11 @@ class Setup:
         return torch.tensor(ids[: n * 64]).view(n, 64)[:16]
 
     def model(self, **overrides: Any) -> Any:
-        from lifecycle.models import build_model
+        """A fresh copy of this architecture's model on the device (fp32 master weights)."""
+        from lifecycle.models import build_model, load_model
 
+        if self.model_dir is not None:
+            return load_model(self.model_dir, self.device)
         cfg = self.model_cfg.model_copy(update=overrides)
         return build_model(cfg, self.tok, seed=0).to(self.device)
 
@@ -114,8 +132,10 @@ class Setup:
 
         msgs = [ex["messages"] for ex in demo.instruction_examples(n, 0, self.tasks)]
         ids, labels, _ = build_rows(msgs, self.tok, 32, packing=False)
+        from lifecycle.eval.lm import padding_mask
+
         x = torch.tensor(ids)
-        return x, torch.tensor(labels), (x != self.tok.pad_token_id).long()
+        return x, torch.tensor(labels), padding_mask(x, self.tok.pad_token_id)
 
     def prompts(self, n: int = 4) -> list[str]:
         from lifecycle.data import demo
@@ -178,7 +198,7 @@ def lm_steps(s: Setup, model: Any, batch: Any, steps: int, lr: float, **loss_kw:
 
 def check_pretrain(s: Setup) -> dict:
     out = {}
-    for arch in ("llama", "mixtral"):
+    for arch in ("llama", "mixtral") if s.model_dir is None else (s.arch,):
         model = s.model(arch=arch)
         p0 = snapshot(model)
         r = lm_steps(s, model, (s.blocks, s.blocks, None), steps=8, lr=3e-3)
@@ -217,8 +237,10 @@ def check_distill(s: Setup) -> dict:
     from lifecycle.config import DistillConfig
 
     teacher = s.model().eval().requires_grad_(False)
+    # Another architecture's teacher: a random-init Llama student on the same vocabulary.
     cfg = DistillConfig(
-        student=s.model_cfg.model_copy(update={"num_layers": 1, "intermediate_size": 64})
+        student=s.model_cfg.model_copy(update={"num_layers": 1, "intermediate_size": 64}),
+        init_from_teacher=s.model_dir is None,
     )
     student = student_from_teacher(teacher, cfg, s.tok).to(s.device)
     t0 = snapshot(teacher)
@@ -358,7 +380,10 @@ def check_ppo(s: Setup) -> dict:
                 )
             )
     vl = [st["train/value_loss"] for st in stats]
-    ok = vl[-1] < vl[0] and moved(policy, p0) and not moved(ref, r0)
+    # Each step is a new rollout of a moving policy: a later batch can be a hard one (a
+    # tiny Mistral's 4th was, in bf16), so the value head must have halved its loss on some
+    # later step, not necessarily the last.
+    ok = min(vl[1:]) < 0.5 * vl[0] and moved(policy, p0) and not moved(ref, r0)
     return {"value_losses": vl, "passed": ok and all(map(math.isfinite, vl))}
 
 
@@ -455,6 +480,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--block", default="", help="comma-separated packages to make unimportable")
     ap.add_argument("--only", default="", help="comma-separated checks (default: all)")
+    ap.add_argument(
+        "--arch",
+        default="own",
+        help="comma-separated: own (the project's Llama) and/or lifecycle.tiny model types, "
+        "or all (default: own; the compress check covers every architecture either way)",
+    )
     args = ap.parse_args()
     blocked = {b for b in args.block.split(",") if b}
     results: dict[str, dict] = {}
@@ -466,21 +497,30 @@ def main() -> int:
 
     torch.manual_seed(0)
     names = [n for n in args.only.split(",") if n] or list(CHECKS)
+    from lifecycle.tiny import ARCHITECTURES
+
+    archs = [a for a in args.arch.split(",") if a]
+    if archs == ["all"]:
+        archs = ["own", *ARCHITECTURES]
     with tempfile.TemporaryDirectory() as d:
-        setup = Setup(args.device, args.dtype, Path(d))
-        for name in names:
-            t0 = time.perf_counter()
-            try:
-                res = CHECKS[name](setup)
-            except Exception as e:  # report and go on: every check gets its line
-                res = {
-                    "passed": False,
-                    "error": f"{type(e).__name__}: {e}",
-                    "trace": traceback.format_exc()[-2000:],
-                }
-            res["seconds"] = round(time.perf_counter() - t0, 2)
-            results[name] = res
-            print(json.dumps({"check": name, **res}, default=float), flush=True)
+        for arch in archs:
+            setup = Setup(args.device, args.dtype, Path(d), arch)
+            for name in names:
+                if name == "compress" and arch != "own" and "own" in archs:
+                    continue  # the own Setup's compress check covers every architecture
+                key = name if arch == "own" else f"{arch}/{name}"
+                t0 = time.perf_counter()
+                try:
+                    res = CHECKS[name](setup)
+                except Exception as e:  # report and go on: every check gets its line
+                    res = {
+                        "passed": False,
+                        "error": f"{type(e).__name__}: {e}",
+                        "trace": traceback.format_exc()[-2000:],
+                    }
+                res["seconds"] = round(time.perf_counter() - t0, 2)
+                results[key] = res
+                print(json.dumps({"check": key, **res}, default=float), flush=True)
     failed = [n for n, r in results.items() if not r["passed"]]
     print(
         json.dumps(
@@ -488,6 +528,7 @@ def main() -> int:
                 "summary": {
                     "device": args.device,
                     "dtype": args.dtype,
+                    "archs": archs,
                     "torch": torch.__version__,
                     "failed": failed,
                 }

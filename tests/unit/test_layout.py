@@ -123,9 +123,12 @@ def test_every_lifecycle_module_and_algorithm_step_runs_without_ray_prefect_mlfl
     assert dpo[-1] < dpo[0] and got["dpo"]["passed"]  # passed: the reference did not move
     assert got["grpo"]["passed"] and got["grpo"]["kl"] >= 0
     vl = got["ppo"]["value_losses"]
-    assert vl[-1] < vl[0] and got["ppo"]["passed"]
+    assert min(vl[1:]) < 0.5 * vl[0] and got["ppo"]["passed"]
     c = got["compress"]
-    assert c["w8a8"]["logits_rel_error"] < c["w4a16"]["logits_rel_error"] < 0.25, c
-    assert all(c[m]["layers"] == 14 for m in ("w8a8", "w4a16", "awq")), c  # 2 layers x 7
+    own = {m: c[f"lifecycle-gqa/{m}"] for m in ("w8a8", "w4a16", "awq")}
+    assert own["w8a8"]["logits_rel_error"] < own["w4a16"]["logits_rel_error"] < 0.25, c
+    assert all(r["layers"] == 14 for r in own.values()), c  # 2 layers x 7 linears
+    assert c["mixtral"] == {"refused": True}  # MoE: refused with the ARCHS reason
+    assert all(c[f"{a}/w4a16"]["passed"] for a in ("qwen2", "qwen3", "gemma2", "phi3")), c
     e = got["eval"]
     assert e["heldout_loss"] == pytest.approx(e["nll_mean"], rel=1e-4)
