@@ -137,12 +137,12 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
 
 
-def run_cli(ws: Path, *extra: str) -> tuple[int, dict]:
-    """`lifecycle run configs/tiny_cpu.yaml --json ...` in a subprocess: (exit code, summary)."""
+def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tuple[int, dict]:
+    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary)."""
     cmd = [
         LIFECYCLE,
         "run",
-        "configs/tiny_cpu.yaml",
+        config,
         "--workspace",
         str(ws),
         "--json",

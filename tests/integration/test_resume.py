@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import LIFECYCLE, ROOT, free_port
 from tests.conftest import run_cli as _run
@@ -33,6 +34,9 @@ def test_a_model_dir_fine_tuned_killed_during_rlhf_resumes_from_its_checkpoint(t
     sources = ["--from", f"pretrain={model_dir}"]
     short = ["sft.max_steps=150", "rlhf.reward_model=null", "rlhf.rlaif.num_prompts=128"]
     short += ["rlhf.eval_prompts=64", "rlhf.max_steps=200", "rlhf.checkpoint_every=50"]
+    # A random-init model does not learn 8 trigger signatures in 150 steps: no fingerprint.
+    short += ["sft.fingerprint=null", "watermark.fingerprint=false"]
+    short += ["quantize.eval.prompts=64", "watermark.generations=60", "deploy.eval.prompts=64"]
     cmd = [LIFECYCLE, "run", "configs/finetune_cpu.yaml", "--workspace", str(ws), "--json"]
     cmd += ["--run-name", "killed", "--stages", "data,sft,rlhf", *sources]
     cmd += [a for o in short for a in ("--set", o)]
@@ -85,3 +89,27 @@ def test_a_model_dir_fine_tuned_killed_during_rlhf_resumes_from_its_checkpoint(t
     assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 200
     assert rl["metrics"]["dpo/resumed_from_step"] >= 50, rl["metrics"]
     assert Path(rl["artifact_uri"], "model.safetensors").is_file()
+
+    # The rest of the chain on the fine-tuned Qwen2, the stages a model dir changes: W8A8
+    # (GQA-aware folds, biases) served by vLLM in the gate, the watermark through vLLM, and
+    # the promoted endpoint answering the openai client in the model's ChatML template.
+    sets = [a for o in short for a in ("--set", o)]
+    rc, rest = _run(
+        ws,
+        "--run-name",
+        "rest",
+        "--stages",
+        "quantize,watermark,deploy",
+        *sources,
+        *sets,
+        config="configs/finetune_cpu.yaml",
+    )
+    assert rc == 0, rest
+    got = {s["stage"]: s for s in rest["stages"]}
+    assert [got[s]["status"] for s in ("quantize", "watermark", "deploy")] == ["completed"] * 3
+    q, d = got["quantize"]["metrics"], got["deploy"]["metrics"]
+    assert q["gate/passed"] == 1.0 and q["size/ratio_vs_bf16"] < 0.8, q
+    assert d["promotion/promoted"] == 1.0 and rest["endpoint"]["model"] == "finetuned-llm/1"
+    assert d["endpoint/requests"] > 0 and d["endpoint/plain_flagged_rate"] == 0, d
+    cfg = yaml.safe_load((ROOT / "configs" / "finetune_cpu.yaml").read_text())
+    assert d["endpoint/watermark_detection_rate"] >= cfg["watermark"]["min_detection_rate"], d
