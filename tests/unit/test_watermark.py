@@ -1,6 +1,8 @@
 """The text watermark scheme against transformers' own, the key handling, the fingerprint
 derivation and the detector CLI."""
 
+import importlib.util
+import itertools
 import json
 import os
 import stat
@@ -23,7 +25,7 @@ from lifecycle.watermark.keys import (
     resolve_key,
     watermark_hashing_key,
 )
-from lifecycle.watermark.scheme import WatermarkScheme
+from lifecycle.watermark.scheme import GreenListCache, WatermarkScheme
 
 KEY = b"unit-test-key-0123456789abcdef"
 
@@ -172,3 +174,158 @@ def test_detect_cli_plain_and_json(tmp_path, no_key_env):
         [*base, str(tmp_path / "missing.key")], input="x", capture_output=True, text=True, env=env
     )
     assert p.returncode == 2 and "does not exist" in " ".join(p.stderr.split())
+
+
+# ------------------------------------------------------------------------------------------
+# The bounded green-list cache against the definition it replaced
+# ------------------------------------------------------------------------------------------
+
+BIG_V = 152064  # Qwen2's vocabulary: 19008 bytes a packed green list
+
+
+def _reference_green(hashing_key: int, vocab: int, gamma: float, prev: int) -> torch.Tensor:
+    """The green list as the scheme used to compute it (and transformers does)."""
+    rng = torch.Generator(device="cpu")
+    rng.manual_seed((hashing_key * prev) % (2**64 - 1))
+    return torch.randperm(vocab, generator=rng)[: int(vocab * gamma)]
+
+
+def _reference_detect(hashing_key, vocab, gamma, tokens, ignore_repeated):
+    pairs = list(itertools.pairwise(tokens))
+    if ignore_repeated:
+        pairs = list(dict.fromkeys(pairs))
+    green = sum(bool((_reference_green(hashing_key, vocab, gamma, a) == b).any()) for a, b in pairs)
+    n = len(pairs)
+    return green, (green - gamma * n) / (n * gamma * (1 - gamma)) ** 0.5
+
+
+def test_cache_never_exceeds_its_byte_budget_at_a_large_vocabulary():
+    budget = 5 * ((BIG_V + 7) // 8) + 100  # room for five lists
+    hk = watermark_hashing_key(KEY)
+    scheme = WatermarkScheme(hk, BIG_V, 0.25, 2.0, cache_bytes=budget)
+    prevs = [3, 151999, 17, 3, 40000, 99, 123456, 17, 7, 8, 9, 3, 150000, 11]
+    for i, prev in enumerate(prevs):
+        assert scheme.is_green(prev, 5) == bool(
+            (_reference_green(hk, BIG_V, 0.25, prev) == 5).any()
+        )
+        stats = scheme.cache.stats()
+        assert stats["bytes"] <= budget and stats["lists"] == min(5, len(set(prevs[: i + 1])))
+    # least recently used out first: 3 and 17 are hits once each, 3's last use came after
+    # five other lists
+    assert scheme.cache.stats()["evictions"] == 7 and scheme.cache.stats()["hits"] == 2
+    # more lists in one call than the cache holds: each still the right one
+    masks = scheme.green_masks(prevs)
+    assert scheme.cache.stats()["bytes"] <= budget
+    for prev, mask in zip(prevs, masks, strict=True):
+        want = torch.zeros(masks.shape[1] * 8, dtype=torch.bool)
+        want[_reference_green(hk, BIG_V, 0.25, prev)] = True
+        got = ((mask[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).bool().reshape(-1)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="cannot hold one list"):
+        WatermarkScheme(hk, BIG_V, cache_bytes=1000)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "randperm"])
+@pytest.mark.parametrize("vocab", [96, 281, BIG_V])
+def test_green_lists_are_the_randperm_definition(vocab, compiled):
+    hk = watermark_hashing_key(KEY)
+    cache = GreenListCache(vocab, compiled=compiled)
+    scheme = WatermarkScheme(hk, vocab, 0.25, cache=cache)
+    rng = torch.Generator().manual_seed(vocab)
+    prevs = [0, 1, vocab - 1, vocab + 5, *torch.randint(0, vocab, (6,), generator=rng).tolist()]
+    for prev in prevs:
+        want = _reference_green(hk, vocab, 0.25, prev)
+        assert torch.equal(scheme.green_ids(prev), want.sort().values)
+        for tok in [*want[:3].tolist(), 0, vocab - 1, vocab, -1]:
+            assert scheme.is_green(prev, tok) == bool((want == tok).any())
+    # a γ whose ⌊γV⌋ is not a multiple of 8, and seeds past 2³² (only their low bits seed)
+    odd = WatermarkScheme(2**40 + 3, vocab, 0.3, cache=cache)
+    for prev in prevs[:4]:
+        want = _reference_green(2**40 + 3, vocab, 0.3, prev)
+        assert torch.equal(odd.green_ids(prev), want.sort().values)
+    if compiled and importlib.util.find_spec("numba"):
+        assert cache._kernel, "numba's green lists disagreed with torch.randperm"
+
+
+def test_bias_logits_and_batched_bias_equal_the_reference():
+    hk = watermark_hashing_key(KEY)
+    scheme = WatermarkScheme(hk, BIG_V, 0.25, 2.0, cache_bytes=2 * ((BIG_V + 7) // 8))
+    logits = torch.randn(4, BIG_V + 64, generator=torch.Generator().manual_seed(0))
+    logits[:, :100] = -torch.inf  # masked by an earlier processor: stays masked
+    for prev in (5, 151000):
+        want = logits[0].clone()
+        want[_reference_green(hk, BIG_V, 0.25, prev)] += 2.0
+        assert torch.equal(scheme.bias_logits(prev, logits[0]), want)
+    # a batch: rows 0, 2, 3 biased (row 3 with another δ, more rows than the cache holds),
+    # row 1 untouched
+    got = scheme.add_bias_(logits.clone(), [2, 0, 3], [7, 8, 9], [2.0, 2.0, 0.5])
+    want = logits.clone()
+    for row, prev, delta in [(2, 7, 2.0), (0, 8, 2.0), (3, 9, 0.5)]:
+        want[row, _reference_green(hk, BIG_V, 0.25, prev)] += delta
+    assert torch.equal(got, want)
+
+
+def test_detect_is_unchanged_and_reuses_the_cache():
+    hk = watermark_hashing_key(KEY)
+    rng = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 300, (120,), generator=rng).tolist()
+    tokens[10:20] = tokens[30:40]  # repeated pairs
+    tokens[50] = 300 + 7  # an id past the vocabulary: never green
+    scheme = WatermarkScheme(hk, 300, 0.25, cache_bytes=8 * 38)  # 8 lists: chunked lookups
+    for ignore in (True, False):
+        green, z = _reference_detect(hk, 300, 0.25, tokens, ignore)
+        res = scheme.detect(tokens, ignore_repeated=ignore)
+        assert res["green"] == green and res["z"] == pytest.approx(z, abs=1e-12)
+        assert scheme.cache.stats()["bytes"] <= 8 * 38
+    big = WatermarkScheme(hk, BIG_V, 0.25)
+    text = torch.randint(0, 50, (400,), generator=rng).tolist()  # few distinct: Zipf-like
+    first = big.detect(text)
+    misses = big.cache.stats()["misses"]
+    assert big.detect(text) == first and big.cache.stats()["misses"] == misses <= 50
+
+
+def test_vllm_processor_biases_the_watermarked_rows_of_a_batch(monkeypatch):
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from lifecycle.watermark.vllm_processor import WatermarkLogitsProcessor
+
+    monkeypatch.setenv(KEY_ENV, KEY.decode())
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    vocab = 1000
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(vocab_size=vocab)),
+        scheduler_config=SimpleNamespace(max_num_seqs=4),
+    )
+    proc = WatermarkLogitsProcessor(cfg, torch.device("cpu"), False)
+
+    def wm(gamma, delta):
+        return SamplingParams(extra_args={"watermark": {"gamma": gamma, "delta": delta}})
+
+    outs = [[], [7], [], [9, 10]]
+    added = [(0, wm(0.25, 2.0), [1, 2, 3], outs[0]), (1, SamplingParams(), [4], outs[1])]
+    added += [(2, wm(0.5, 1.0), [5], outs[2]), (3, wm(0.25, 3.0), [6], outs[3])]
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=added))
+    logits = torch.randn(4, vocab + 24, generator=torch.Generator().manual_seed(0))
+    hk = watermark_hashing_key(KEY)
+
+    def reference(batch, rows):  # row -> (γ, δ, previous token)
+        want = logits[:batch].clone()
+        for row, (gamma, delta, prev) in rows.items():
+            want[row, _reference_green(hk, vocab, gamma, prev)] += delta
+        return want
+
+    rows = {0: (0.25, 2.0, 3), 1: None, 2: (0.5, 1.0, 5), 3: (0.25, 3.0, 10)}
+    got = proc.apply(logits.clone())
+    assert torch.equal(got, reference(4, {r: s for r, s in rows.items() if s}))
+    outs[0].append(11)  # request 0 decoded a token; 1 finished; 3 moved into its row
+    move = (3, 1, MoveDirectionality.UNIDIRECTIONAL)
+    proc.update_state(BatchUpdate(batch_size=3, removed=[1], moved=[move], added=[]))
+    got = proc.apply(logits[:3].clone())
+    assert torch.equal(got, reference(3, {0: (0.25, 2.0, 11), 1: (0.25, 3.0, 10), 2: rows[2]}))
+    assert proc.cache_stats()["misses"] == 4 and proc.cache_stats()["hits"] == 2
+    with pytest.raises(ValueError, match="gamma"):
+        WatermarkLogitsProcessor.validate_params(wm(1.5, 2.0))
