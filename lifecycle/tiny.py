@@ -85,6 +85,16 @@ FAMILIES = {
     ),
 }
 
+# Gemma 2 and 3: explicit head_dim (4 x 32 != hidden 64), alternating sliding windows, tied.
+_GEMMA = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "sliding_window": 64,
+    "query_pre_attn_scalar": 32,
+    "tie_word_embeddings": True,
+}
+
 # model_type -> (chat family, config class name, config overrides beyond the common ones)
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("llama3", "LlamaConfig", {"num_attention_heads": 2, "num_key_value_heads": 1}),
@@ -102,26 +112,12 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma2": (
         "gemma",
         "Gemma2Config",
-        {
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "sliding_window": 64,
-            "query_pre_attn_scalar": 32,
-            "tie_word_embeddings": True,
-        },
+        _GEMMA,
     ),
     "gemma3_text": (
         "gemma",
         "Gemma3TextConfig",
-        {
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "sliding_window": 64,
-            "query_pre_attn_scalar": 32,
-            "tie_word_embeddings": True,
-        },
+        _GEMMA,
     ),
     "phi3": ("phi3", "Phi3Config", {"num_attention_heads": 2, "num_key_value_heads": 2}),
     "mixtral": (

@@ -30,6 +30,17 @@ def setup(tmp_path_factory):
     return tok, policy, prompts
 
 
+def _pair_rows(pairs, tok, max_length):
+    """(ids, labels) of the chosen and of the rejected sides of preference pairs."""
+
+    def rows(key):
+        msgs = [[*p["prompt"], {"role": "assistant", "content": p[key]}] for p in pairs]
+        ids, labels, _ = build_rows(msgs, tok, max_length, packing=False)
+        return torch.tensor(ids), torch.tensor(labels)
+
+    return rows("chosen"), rows("rejected")
+
+
 def _judge(prompts, responses):
     j = ProgramJudge()
     return [j.score(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -58,12 +69,7 @@ def test_dpo_step(setup):
     ref.requires_grad_(False)
     pairs = demo_pairs(16, 0, ["copy", "upper"])
 
-    def rows(key):
-        msgs = [[*p["prompt"], {"role": "assistant", "content": p[key]}] for p in pairs]
-        ids, labels, _ = build_rows(msgs, tok, 32, packing=False)
-        return torch.tensor(ids), torch.tensor(labels)
-
-    ch, rj = rows("chosen"), rows("rejected")
+    ch, rj = _pair_rows(pairs, tok, 32)
     p0, r0 = _snapshot(policy), _snapshot(ref)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     losses = []
@@ -142,12 +148,7 @@ def test_dpo_and_grpo_in_bf16_on_a_model_dir(tmp_path, model_type):
     policy, ref = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
     pairs = demo_pairs(16, 0, ["copy", "upper"])
 
-    def rows(key):
-        msgs = [[*p["prompt"], {"role": "assistant", "content": p[key]}] for p in pairs]
-        ids, labels, _ = build_rows(msgs, tok, 48, packing=False)
-        return torch.tensor(ids), torch.tensor(labels)
-
-    ch, rj = rows("chosen"), rows("rejected")
+    ch, rj = _pair_rows(pairs, tok, 48)
     p0, r0 = _snapshot(policy), _snapshot(ref)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     losses = []
