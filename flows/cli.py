@@ -104,15 +104,12 @@ def _parse_sources(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _adopt_model_source(
-    cfg: PipelineConfig, sources: dict[str, str], requested: list[str] | None
-) -> PipelineConfig:
-    """A model brought as a directory (`--from pretrain|sft|rlhf=DIR`) brings its facts: a
-    data stage that runs in this invocation tokenizes with its tokenizer (unless
-    data.tokenizer.path says otherwise), and the shapes the compressors and vLLM need are
-    checked against its own config.json before anything runs. A data stage that is not asked
-    for keeps its config, so its cached result is found; the stages that mix its blocks in
-    check that its tokenizer is the model's (`check_same_tokenizer`)."""
+def _adopt_model_source(cfg: PipelineConfig, sources: dict[str, str]) -> PipelineConfig:
+    """A model brought as a directory (`--from pretrain|sft|rlhf=DIR`) brings its facts: the
+    data stage tokenizes with its tokenizer (unless data.tokenizer.path says otherwise), and
+    the shapes the compressors and vLLM need are checked against its own config.json before
+    anything runs. (A data result cached without a tokenizer path still serves when its
+    tokenizer is the model's: `flows/chain.py`.)"""
     from lifecycle.archs import ModelDirError, read_facts
     from lifecycle.config import check_quantizable
 
@@ -130,13 +127,7 @@ def _adopt_model_source(
             check_quantizable(facts, cfg.quantize, f"--from {stage}")
     except (ModelDirError, ValueError) as e:
         raise ConfigError(f"--from {stage}={model_dir}: {e}") from None
-    data_runs = requested is None or "data" in requested
-    if (
-        data_runs
-        and cfg.data is not None
-        and cfg.data.tokenizer.path is None
-        and "data" not in sources
-    ):
+    if cfg.data is not None and cfg.data.tokenizer.path is None and "data" not in sources:
         tokenizer = cfg.data.tokenizer.model_copy(update={"path": model_dir})
         data = cfg.data.model_copy(update={"tokenizer": tokenizer})
         cfg = cfg.model_copy(update={"data": data})
@@ -213,7 +204,7 @@ def run(
         cfg = load_config(find_config(config), set_ or [])
         requested = _parse_stages(stages) if stages is not None else asked.get("stages")
         sources = _parse_sources(from_) if from_ else dict(asked.get("sources") or {})
-        cfg = _adopt_model_source(cfg, sources, requested)
+        cfg = _adopt_model_source(cfg, sources)
     except ConfigError as e:
         _fail_config(e)
 

@@ -8,7 +8,9 @@ The server process starts (or joins, with `cluster.address`) Ray, deploys ray_cl
 app for the model and writes `<workspace>/serve/state.json` (pid, url, model version). Given an
 alias (`@champion`), it polls the registry: when the alias moves — a promotion by the deploy
 stage, or `lifecycle rollback` — it rolls the app over to the new version without dropping
-requests (Serve starts the new replica before it stops the old one). SIGTERM or Ctrl-C stops
+requests (Serve starts the new replica before it stops the old one). A version that does not
+start leaves the old one serving: the failure goes to the log and to the state file
+(`lifecycle serve status` shows it), and that version is not tried again. SIGTERM or Ctrl-C stops
 the app and Ray (when it started it) and removes the state file.
 """
 
@@ -51,7 +53,7 @@ def serve_forever(
     import ray
 
     from ray_cluster.connect import connect, disconnect
-    from ray_cluster.serve import deploy_app, shutdown
+    from ray_cluster.serve import RollOverFailed, deploy_app, shutdown
 
     ws = Path(workspace).resolve()
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
@@ -68,6 +70,7 @@ def serve_forever(
     def stop(*_: Any) -> None:
         raise _Stop
 
+    failed: str | None = None  # a version that did not start: not retried until the alias moves
     started = connect(cfg.cluster)
     # After ray.init: Ray installs its own SIGTERM handler (which aborts the process).
     signal.signal(signal.SIGTERM, stop)
@@ -91,11 +94,24 @@ def serve_forever(
             except Exception as e:  # the registry is briefly unreachable: keep serving
                 print(f"registry check failed ({e}); still serving {spec.version}", flush=True)
                 continue
-            if new.version != spec.version:
+            if new.version not in (spec.version, failed):
                 print(f"{model} moved: {spec.version} -> {new.version}; rolling over", flush=True)
-                deploy_app(new, scfg)
-                spec = new
-                _write_state(state_path, {**state, "version": spec.version})
+                try:
+                    deploy_app(new, scfg, previous=spec)
+                except RollOverFailed as e:  # the old version still serves
+                    failed = new.version
+                    state = {**state, "failed_version": failed, "failed_error": str(e)[-2000:]}
+                    _write_state(state_path, state)
+                    print(
+                        f"roll-over to {failed} FAILED; still serving {spec.version}: {e}",
+                        flush=True,
+                    )
+                    continue
+                spec, failed = new, None
+                state = {**state, "version": spec.version}
+                state.pop("failed_version", None)
+                state.pop("failed_error", None)
+                _write_state(state_path, state)
                 print(f"serving {spec.version} at {url}", flush=True)
     except (_Stop, KeyboardInterrupt):
         print("stopping", flush=True)

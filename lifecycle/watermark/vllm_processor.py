@@ -6,8 +6,9 @@
 
 (or `--logits-processors lifecycle.watermark.vllm_processor:WatermarkLogitsProcessor` for
 `vllm serve`; over HTTP the request's `vllm_xargs` carries `watermark`). The engine process
-reads the key from $LIFECYCLE_WATERMARK_KEY / $LIFECYCLE_WATERMARK_KEY_FILE when the first
-watermarked request arrives; requests without `watermark` are untouched. The green lists are
+reads the key from $LIFECYCLE_WATERMARK_KEY / $LIFECYCLE_WATERMARK_KEY_FILE when it starts (a
+missing key fails the engine's start, not a request); requests without `watermark` are
+untouched. The project's server (ray_cluster/serve.py) puts `watermark` on every request. The green lists are
 `lifecycle.watermark.scheme.WatermarkScheme`'s, i.e. transformers' lefthash seeding, held in
 one byte-bounded `GreenListCache` per engine process, shared by every (γ, δ) the requests ask
 for. The whole batch is biased at once: one gather of the packed green lists of the
@@ -52,8 +53,10 @@ class WatermarkLogitsProcessor(LogitsProcessor):
         self.vocab_size = vllm_config.model_config.hf_config.vocab_size
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self._schemes: dict[float, WatermarkScheme] = {}  # by γ; δ is applied per row
-        self._hashing_key: int | None = None
-        self._cache: GreenListCache | None = None
+        self._hashing_key = watermark_hashing_key(load_key())
+        self._cache = GreenListCache(
+            self.vocab_size, DEFAULT_CACHE_BYTES, prefetch_lists=self.max_num_seqs
+        )
         self._reqs: dict[int, _Request] = {}  # by index in vLLM's persistent batch
 
     @classmethod
@@ -67,18 +70,10 @@ class WatermarkLogitsProcessor(LogitsProcessor):
         return False  # it changes which token is most likely: greedy decoding sees it too
 
     def cache_stats(self) -> dict[str, int]:
-        """The green-list cache's hits, misses and bytes (zeros before the first request)."""
-        if self._cache is None:
-            keys = ("hits", "misses", "evictions", "prefetched", "lists", "bytes", "max_bytes")
-            return dict.fromkeys(keys, 0)
+        """The green-list cache's hits, misses and bytes."""
         return self._cache.stats()
 
     def _scheme(self, gamma: float) -> WatermarkScheme:
-        if self._hashing_key is None:
-            self._hashing_key = watermark_hashing_key(load_key())
-            self._cache = GreenListCache(
-                self.vocab_size, DEFAULT_CACHE_BYTES, prefetch_lists=self.max_num_seqs
-            )
         if gamma not in self._schemes:
             self._schemes[gamma] = WatermarkScheme(
                 self._hashing_key, self.vocab_size, gamma, cache=self._cache

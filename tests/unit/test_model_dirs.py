@@ -104,20 +104,17 @@ def test_data_tokenized_for_another_model_is_refused(dirs, tiny_data):
         )
 
 
-def test_a_model_dir_lends_its_tokenizer_only_to_a_data_stage_that_runs(dirs):
-    """`--from sft=DIR`: a data stage run in the same invocation tokenizes with DIR's
-    tokenizer; one not asked for keeps its config, so its cached result is still found (the
-    mixing stages check the tokenizers agree)."""
+def test_a_model_dir_lends_its_tokenizer_to_the_data_stage(dirs):
+    """`--from sft=DIR`: the data stage tokenizes with DIR's tokenizer, unless the config names
+    one or the data comes with `--from data=PATH` (the chain reuses a data result cached with
+    its own trained tokenizer when that is DIR's: test_cli_chain's `--stages rlhf`)."""
     from flows.cli import _adopt_model_source
     from lifecycle.config import load_config
 
     cfg = load_config("configs/finetune_cpu.yaml")
     d = str(dirs["qwen2"])
     assert cfg.data.tokenizer.path is None
-    for asked in (None, ["data", "rlhf"]):
-        adopted = _adopt_model_source(cfg, {"sft": d}, asked)
-        assert adopted.data.tokenizer.path == d
-    kept = _adopt_model_source(cfg, {"sft": d}, ["rlhf"])
-    assert kept.data == cfg.data
-    # A --from data=PATH brings its own tokenized blocks: nothing to adopt.
-    assert _adopt_model_source(cfg, {"sft": d, "data": "/x"}, None).data == cfg.data
+    assert _adopt_model_source(cfg, {"sft": d}).data.tokenizer.path == d
+    assert _adopt_model_source(cfg, {"sft": d, "data": "/x"}).data == cfg.data
+    named = load_config("configs/finetune_cpu.yaml", ["data.tokenizer.path=/y"])
+    assert _adopt_model_source(named, {"sft": d}).data.tokenizer.path == "/y"
