@@ -840,14 +840,10 @@ class LoraServeConfig(_Strict):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="model id -> PEFT adapter dir, loaded at start"
     )
-    adapter_dir: str | None = Field(
-        None,
-        description="a directory of adapters (<dir>/<model id>/adapter_config.json): one put "
-        "there is served on its first request, without a restart (vLLM's filesystem resolver)",
-    )
     allow_runtime_updates: bool = Field(
         False,
-        description="vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)",
+        description="vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API "
+        "key): adapters added and removed without a restart (on the replica that gets the call)",
     )
     max_loras: int = Field(4, ge=1, description="adapters in one batch at once")
     max_lora_rank: int = Field(64, ge=1)

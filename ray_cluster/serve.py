@@ -20,9 +20,11 @@ project's own pieces are thin layers around it:
   SHA-256; vLLM's own `--api-key` would hold the key in plain text).
 - Limits: bodies over `serve.max_body_bytes` get 413 before they are read; `serve.max_tokens`
   caps every generation (vLLM's `--override-generation-config`, checked again at the engine's
-  door); vLLM's schema takes at most 4 stop strings; beyond
-  `max_ongoing_requests` per replica, Serve queues up to `max_queued_requests` and answers
-  the rest 503 with Retry-After.
+  door); vLLM's schema takes at most 4 stop strings. A replica runs `max_ongoing_requests`
+  generations at once (vLLM's `max_num_seqs`), lets `max_queued_requests` more wait in vLLM's
+  queue and answers the rest 503 with Retry-After itself, so Serve's own request slots
+  (`LIGHT_HEADROOM` more) never fill with generations: `/healthz`, `/v1/models` and the
+  detector answer under full load.
 - The watermark (the model version's `lifecycle.watermark.*` settings) is put on every
   generation's SamplingParams at the engine's door (`generate`), whatever route it came by, so
   a client cannot turn it off; vLLM runs the project's logits processor on it
@@ -51,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lifecycle.config import ServeConfig
@@ -64,6 +67,10 @@ API_KEY_ENV = "LIFECYCLE_API_KEY"
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 OPEN_PATHS = frozenset({"/", "/healthz", "/health", "/ping"})
 """Routes a load balancer or a browser reaches without the API key."""
+LIGHT_PATHS = OPEN_PATHS | {"/v1/models", "/v1/watermark/detect", "/metrics", "/version"}
+"""Routes that never wait behind generations: they are not counted against the replica's
+admission limit, and Serve keeps `LIGHT_HEADROOM` request slots per replica for them."""
+LIGHT_HEADROOM = 16
 VERSION_HEADER = "x-lifecycle-model-version"
 ROUTES = (
     "/v1/completions",
@@ -73,6 +80,8 @@ ROUTES = (
     "/healthz",
 )
 """Routes the request metrics name; every other path is counted as `other`."""
+
+
 @dataclass
 class ServeSpec:
     """What one replica serves: plain data, passed to every replica."""
@@ -86,12 +95,22 @@ class ServeSpec:
     max_model_len: int | None = None
     max_tokens: int = 256
     max_body_bytes: int = 4 << 20
+    max_admitted: int = 40  # generations in a replica at once: running + waiting in vLLM
+    retry_after_s: float = 2.0
     max_num_seqs: int = 8
     kv_cache_gb: float = 1.0
     dtype: str = "bfloat16"
     tensor_parallel_size: int = 1
     lora: dict[str, Any] | None = None  # LoraServeConfig as a dict: adapters served by id
     extra_engine_args: list[str] = field(default_factory=list)
+
+
+class DetectBody(BaseModel):
+    """`POST /v1/watermark/detect`."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    z_threshold: float | None = Field(None, gt=0)
 
 
 class RollOverFailed(RuntimeError):
@@ -122,6 +141,17 @@ def vllm_argv(spec: ServeSpec) -> list[str]:
     ]
     if spec.max_model_len:
         argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.lora is not None:
+        lo = spec.lora
+        argv += [
+            "--enable-lora",
+            "--max-loras",
+            str(lo["max_loras"]),
+            "--max-lora-rank",
+            str(lo["max_lora_rank"]),
+        ]
+        if lo["adapters"]:
+            argv += ["--lora-modules", *(f"{k}={v}" for k, v in lo["adapters"].items())]
     if spec.watermark:
         argv += [
             "--logits-processors",
@@ -131,14 +161,10 @@ def vllm_argv(spec: ServeSpec) -> list[str]:
 
 
 def vllm_env(spec: ServeSpec) -> dict[str, str]:
-    """The environment `vllm_argv` needs beside it: the KV cache size on CPU and the LoRA
-    switches that vLLM reads from the environment (the adapter directory's resolver, runtime
-    load/unload routes)."""
+    """The environment `vllm_argv` needs beside it: the KV cache size on CPU and the switch
+    of vLLM's runtime LoRA load/unload routes, which vLLM reads from the environment."""
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gb)))}
     lo = spec.lora
-    if lo is not None and lo.get("adapter_dir"):
-        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
-        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(Path(lo["adapter_dir"]).resolve())
     if lo is not None and lo.get("allow_runtime_updates"):
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
@@ -211,6 +237,7 @@ class _Gate:
         self.app, self.spec = app, spec
         self.version = spec.version.encode()
         self.ongoing = 0
+        self.admitted = 0  # generation requests inside the replica
 
     def add_exception_handler(self, exc: Any, handler: Any) -> None:
         """Serve registers its overload exceptions on the app it is given: vLLM's app."""
@@ -242,6 +269,18 @@ class _Gate:
                 ]
             await send(message)
 
+        heavy = path not in LIGHT_PATHS
+        if heavy and self.admitted >= self.spec.max_admitted:
+            full = _json(
+                503,
+                f"the server is busy ({self.admitted} requests in it); retry later",
+                "server_busy",
+                {"Retry-After": str(max(1, round(self.spec.retry_after_s)))},
+            )
+            await full(scope, receive, send_tagged)
+            ray_metrics.request_done(route, 503, time.perf_counter() - t0)
+            return None
+        self.admitted += heavy
         self.ongoing += 1
         ray_metrics.ongoing(self.ongoing)
         try:
@@ -285,6 +324,7 @@ class _Gate:
 
             await self.app(scope, replayed, send_tagged)
         finally:
+            self.admitted -= heavy
             self.ongoing -= 1
             ray_metrics.ongoing(self.ongoing)
             ray_metrics.request_done(route, code[0], time.perf_counter() - t0)
@@ -340,19 +380,12 @@ class LLMServer:
         await init_app_state(self.engine, self.state, self.args, self.supported_tasks)
 
     async def __serve_build_asgi_app__(self) -> Any:
-        from fastapi import Request
         from fastapi.responses import HTMLResponse
-        from pydantic import BaseModel, ConfigDict, Field
         from vllm.entrypoints.launchers.app import build_app
 
         app = build_app(self.args, self.supported_tasks, self.engine.model_config)
         app.state._state.update(self.state._state)
         app.state.server = types.SimpleNamespace()  # vLLM's error path flips should_exit on it
-
-        class DetectBody(BaseModel):
-            model_config = ConfigDict(extra="forbid")
-            text: str
-            z_threshold: float | None = Field(None, gt=0)
 
         @app.get("/", response_class=HTMLResponse, include_in_schema=False)
         async def chat_page() -> HTMLResponse:
@@ -370,8 +403,7 @@ class LLMServer:
                 "max_model_len": self.max_model_len,
             }
 
-        @app.post("/v1/watermark/detect")
-        async def detect(body: DetectBody, request: Request) -> Any:
+        async def detect(body):  # type: ignore[no-untyped-def]
             wm = self.spec.watermark
             if not wm:
                 return _json(
@@ -379,6 +411,11 @@ class LLMServer:
                 )
             threshold = body.z_threshold or wm.get("z_threshold", 4.0)
             return await asyncio.to_thread(self._detect, body.text, threshold)
+
+        # The body's model set here, not as an annotation: Serve ships this class by value,
+        # and a name only an annotation string uses does not travel with it.
+        detect.__annotations__ = {"body": DetectBody}
+        app.post("/v1/watermark/detect")(detect)
 
         return _Gate(app, self.spec)  # (vLLM's app has built its middleware stack already)
 
@@ -425,6 +462,8 @@ def make_spec(
         max_model_len=cfg.max_model_len,
         max_tokens=cfg.max_tokens,
         max_body_bytes=cfg.max_body_bytes,
+        max_admitted=cfg.max_ongoing_requests + cfg.max_queued_requests,
+        retry_after_s=cfg.retry_after_s,
         max_num_seqs=cfg.max_ongoing_requests,
         kv_cache_gb=cfg.kv_cache_gb,
         dtype=cfg.dtype,
@@ -452,7 +491,9 @@ def build_app(spec: ServeSpec, cfg: ServeConfig) -> Any:
         actor["resources"] = res  # custom resources / node labels of GPU nodes
     opts: dict[str, Any] = {
         "ray_actor_options": actor,
-        "max_ongoing_requests": cfg.max_ongoing_requests,
+        # Generations are admitted (and refused with 503) by the replica itself, so that
+        # Serve's request slots never fill up with them: the light routes always get in.
+        "max_ongoing_requests": cfg.max_ongoing_requests + cfg.max_queued_requests + LIGHT_HEADROOM,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
     }

@@ -189,100 +189,12 @@ def test_chat_page_in_headless_chromium_gets_the_models_answer(served):
     assert shown == f"model: {api.choices[0].message.content}", shown
 
 
-def test_api_key_overload_and_upgrade_under_load(served, monkeypatch, tmp_path):
-    """One redeploy with an API key and a small queue: 401s, 503s under overload; then a new
-    model version rolls in under steady traffic without a failed request, and a broken one
-    (truncated weights) fails to start while the previous one goes on serving."""
-    from ray_cluster.serve import RollOverFailed, deploy_app, make_spec
-
-    stages = served["stages"]
-    monkeypatch.setenv("LIFECYCLE_API_KEY", "test-api-key-123")
-    cfg = ServeConfig(port=0, max_tokens=220, max_ongoing_requests=2, max_queued_requests=2)
-    url = deploy_app(
-        make_spec(stages["quantize"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/1", WM), cfg
-    )
-    assert url == served["url"]  # the same proxy; the app rolled over to the new settings
-
-    for key in (None, "wrong-key"):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        r = httpx.post(
-            f"{url}/v1/completions", json={"prompt": "copy"}, headers=headers, timeout=30
-        )
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
-    with pytest.raises(openai.AuthenticationError):
-        _client(url, "wrong-key").models.list()
-    good = _client(url, "test-api-key-123")
-    assert good.models.list().data[0].id == "tiny-llm"
-    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no key
-
-    # Overload: 24 long requests at once against 2 in flight + 2 queued.
-    auth = {"Authorization": "Bearer test-api-key-123"}
-
-    def long_request(i: int) -> httpx.Response:
-        return httpx.post(
-            f"{url}/v1/completions",
-            json={"prompt": "copy", "max_tokens": 200, "min_tokens": 200, "seed": i},
-            headers=auth,
-            timeout=300,
-        )
-
-    with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        responses = list(pool.map(long_request, range(24)))
-    codes = [r.status_code for r in responses]
-    assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
-    assert set(codes) <= {200, 503}, codes
-    rejected = next(r for r in responses if r.status_code == 503)
-    assert int(rejected.headers["retry-after"]) >= 1
-    for r in responses:
-        if r.status_code == 200:
-            assert r.json()["usage"]["completion_tokens"] == 200  # every accepted one answered
-    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
-
-    # Upgrade under load: a steady client while version 2 (the RLHF model) rolls in.
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def steady() -> None:
-        while not stop.is_set():
-            r = httpx.post(
-                f"{url}/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
-                headers=auth,
-                timeout=300,
-            )
-            results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
-            time.sleep(0.1)
-
-    client_thread = threading.Thread(target=steady)
-    client_thread.start()
-    time.sleep(2)
-    v2 = make_spec(stages["rlhf"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/2", WM)
-    deploy_app(v2, cfg)
-    time.sleep(3)
-    stop.set()
-    client_thread.join()
-    assert results and all(code == 200 for code, _ in results), results
-    versions = [v for _, v in results]
-    assert versions[0] == "tiny-llm/1" and versions[-1] == "tiny-llm/2", versions
-    assert Path(stages["rlhf"]["artifact_uri"]).is_dir()
-
-    # A broken version 3 (its weights cut in half) under the same steady client.
-    broken = tmp_path / "broken"
-    shutil.copytree(stages["rlhf"]["artifact_uri"], broken)
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    results.clear()
-    stop.clear()
-    client_thread = threading.Thread(target=steady)
-    client_thread.start()
-    v3 = make_spec(broken, cfg, "tiny-llm", "tiny-llm/3", WM)
-    with pytest.raises(RollOverFailed, match="tiny-llm/3 did not start; still serving tiny-llm/2"):
-        deploy_app(v3, cfg, previous=v2)
-    time.sleep(2)
-    stop.set()
-    client_thread.join()
-    assert results and all(r == (200, "tiny-llm/2") for r in results), results
-    assert httpx.get(f"{url}/healthz", timeout=30).json()["version"] == "tiny-llm/2"
+BENCH_CLIENT = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+    "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
+"""`vllm bench serve` (vLLM's load generator), run as its module's own parser and main."""
 
 
 def _shape(x: Any) -> Any:
@@ -436,10 +348,9 @@ def test_conformance_with_vllms_own_server_and_its_benchmark_client(served, tmp_
     env = {**os.environ, **vllm_env(spec)}
     proc = subprocess.Popen(
         [
-            sys.executable,
+            sys.executable,  # `vllm serve` (its `vllm` script wants the dist named vllm)
             "-m",
-            "vllm.entrypoints.cli.main",
-            "serve",
+            "vllm.entrypoints.launchers.api_server.entry",
             *vllm_argv(spec),
             "--host",
             "127.0.0.1",
@@ -475,10 +386,8 @@ def test_conformance_with_vllms_own_server_and_its_benchmark_client(served, tmp_
         bench = subprocess.run(
             [
                 sys.executable,
-                "-m",
-                "vllm.entrypoints.cli.main",
-                "bench",
-                "serve",
+                "-c",
+                BENCH_CLIENT,
                 "--backend",
                 "openai",
                 "--base-url",
@@ -511,14 +420,16 @@ def test_conformance_with_vllms_own_server_and_its_benchmark_client(served, tmp_
         out = json.loads(result.read_text())
         assert out["completed"] == 16 and out.get("failed", 0) == 0, out
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
 
 
 def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp_path):
     """The SFT stage's adapter and a second one (its B matrices negated) served beside their
     base as their own model ids: each id answers greedily as PEFT does with that adapter; a
-    third adapter put into the adapter directory is served on its first request, no restart."""
+    third adapter loaded through vLLM's /v1/load_lora_adapter is served at once, no restart,
+    and unloaded again."""
     import safetensors.torch
     from peft import PeftModel
 
@@ -530,21 +441,19 @@ def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp
 
     stages = served["stages"]
     base = stages["pretrain"]["artifact_uri"]
-    sft_adapter = Path(stages["sft"]["artifact_uri"]) / "adapter"
+    sft_adapter = Path(stages["sft"]["artifact_uri"]).parent / "adapter"
     flipped = tmp_path / "flipped"
     shutil.copytree(sft_adapter, flipped)
     weights = safetensors.torch.load_file(flipped / "adapter_model.safetensors")
     weights = {k: (-v if "lora_B" in k else v) for k, v in weights.items()}
     safetensors.torch.save_file(weights, flipped / "adapter_model.safetensors")
-    later = tmp_path / "adapters"
-    later.mkdir()
     cfg = ServeConfig(
         port=0,
         max_tokens=64,
         dtype="float32",  # the reference below is PyTorch in float32
         lora=LoraServeConfig(
             adapters={"sft": str(sft_adapter), "flipped": str(flipped)},
-            adapter_dir=str(later),
+            allow_runtime_updates=True,
             max_lora_rank=16,
         ),
     )
@@ -586,9 +495,21 @@ def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp
             same = sum(a == b for a, b in zip(got[m], want[m], strict=True))
             assert same >= len(prompts) - 1, (m, got[m], want[m])
         assert got["sft"] != got["base"] and got["sft"] != got["flipped"], got
-        # A third adapter: copied into the directory, asked for by name, served as it is.
-        shutil.copytree(sft_adapter, later / "sft-again")
+        # A third adapter into the running engine, then out again.
+        load = httpx.post(
+            f"{url}/v1/load_lora_adapter",
+            json={"lora_name": "sft-again", "lora_path": str(sft_adapter)},
+            timeout=120,
+        )
+        assert load.status_code == 200, load.text
+        assert "sft-again" in {m.id for m in c.models.list().data}
         assert answers("sft-again") == got["sft"]
+        gone = httpx.post(
+            f"{url}/v1/unload_lora_adapter", json={"lora_name": "sft-again"}, timeout=60
+        )
+        assert gone.status_code == 200, gone.text
+        with pytest.raises(openai.NotFoundError):
+            answers("sft-again")
     finally:
         shutdown("lora")
 
@@ -623,3 +544,99 @@ def test_bounded_body_and_health_under_full_load(served):
         codes = [f.result() for f in running]
     assert health == [200] * 5
     assert set(codes) <= {200, 503} and codes.count(200) >= served["cfg"].max_ongoing_requests
+
+
+def test_api_key_overload_and_upgrade_under_load(served, monkeypatch, tmp_path):
+    """One redeploy with an API key and a small queue: 401s, 503s under overload; then a new
+    model version rolls in under steady traffic without a failed request, and a broken one
+    (truncated weights) fails to start while the previous one goes on serving."""
+    from ray_cluster.serve import RollOverFailed, deploy_app, make_spec
+
+    stages = served["stages"]
+    monkeypatch.setenv("LIFECYCLE_API_KEY", "test-api-key-123")
+    cfg = ServeConfig(port=0, max_tokens=220, max_ongoing_requests=2, max_queued_requests=2)
+    url = deploy_app(
+        make_spec(stages["quantize"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/1", WM), cfg
+    )
+    assert url == served["url"]  # the same proxy; the app rolled over to the new settings
+
+    for key in (None, "wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "copy"}, headers=headers, timeout=30
+        )
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, "wrong-key").models.list()
+    good = _client(url, "test-api-key-123")
+    assert good.models.list().data[0].id == "tiny-llm"
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no key
+
+    # Overload: 24 long requests at once against 2 in flight + 2 queued.
+    auth = {"Authorization": "Bearer test-api-key-123"}
+
+    def long_request(i: int) -> httpx.Response:
+        return httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "copy", "max_tokens": 200, "min_tokens": 200, "seed": i},
+            headers=auth,
+            timeout=300,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(long_request, range(24)))
+    codes = [r.status_code for r in responses]
+    assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+    assert set(codes) <= {200, 503}, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert int(rejected.headers["retry-after"]) >= 1
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 200  # every accepted one answered
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+    # Upgrade under load: a steady client while version 2 (the RLHF model) rolls in.
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def steady() -> None:
+        while not stop.is_set():
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6},
+                headers=auth,
+                timeout=300,
+            )
+            results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
+            time.sleep(0.1)
+
+    client_thread = threading.Thread(target=steady)
+    client_thread.start()
+    time.sleep(2)
+    v2 = make_spec(stages["rlhf"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/2", WM)
+    deploy_app(v2, cfg)
+    time.sleep(3)
+    stop.set()
+    client_thread.join()
+    assert results and all(code == 200 for code, _ in results), results
+    versions = [v for _, v in results]
+    assert versions[0] == "tiny-llm/1" and versions[-1] == "tiny-llm/2", versions
+    assert Path(stages["rlhf"]["artifact_uri"]).is_dir()
+
+    # A broken version 3 (its weights cut in half) under the same steady client.
+    broken = tmp_path / "broken"
+    shutil.copytree(stages["rlhf"]["artifact_uri"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    results.clear()
+    stop.clear()
+    client_thread = threading.Thread(target=steady)
+    client_thread.start()
+    v3 = make_spec(broken, cfg, "tiny-llm", "tiny-llm/3", WM)
+    with pytest.raises(RollOverFailed, match="tiny-llm/3 did not start; still serving tiny-llm/2"):
+        deploy_app(v3, cfg, previous=v2)
+    time.sleep(2)
+    stop.set()
+    client_thread.join()
+    assert results and all(r == (200, "tiny-llm/2") for r in results), results
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["version"] == "tiny-llm/2"
