@@ -111,33 +111,18 @@ class _Chain:
             h = config_hash({"config": h, "key_id": key_id(resolve_key(self.ctx.workspace))})
         return cache_key(stage, h, upstream, self.ctx.code_version)
 
-    def _data_with_the_same_tokenizer(self, upstream: list[StageResult]) -> StageResult | None:
-        """A data stage told to tokenize with a given tokenizer (`data.tokenizer.path`, e.g.
-        the model a `--from DIR` brought) that has no result of its own can use the result of
-        the same config that trained its tokenizer, when that tokenizer is the given one: a
-        model fine-tuned in this workspace comes back with the data stage's own tokenizer."""
-        data = self.cfg.data
-        if data is None or data.tokenizer.path is None:
+    def _stand_in(self, st: Stage, upstream: list[StageResult]) -> StageResult | None:
+        """The cached result of the stage's stand-in config, if it has one and it passes."""
+        alt = st.stand_in(self.cfg)
+        if alt is None:
             return None
-        own = data.model_copy(
-            update={"tokenizer": data.tokenizer.model_copy(update={"path": None})}
-        )
         given = self.cfg
-        self.cfg = given.model_copy(update={"data": own})
+        self.cfg = alt.config
         try:
-            cached = cache_lookup(self.ctx.workspace, "data", self.key("data", upstream))
+            cached = cache_lookup(self.ctx.workspace, st.name, self.key(st.name, upstream))
         finally:
             self.cfg = given
-        if cached is None:
-            return None
-        from lifecycle.data.pipeline import check_same_tokenizer
-        from lifecycle.models import load_tokenizer
-
-        try:
-            check_same_tokenizer(cached.artifact_uri, load_tokenizer(data.tokenizer.path), "data")
-        except ValueError:
-            return None
-        return cached
+        return cached if cached is not None and alt.accepts(cached) else None
 
     def run(self, st: Stage, opts: dict[str, Any]) -> StageResult | None:
         """Runs (or finds in the cache) one stage: its task is called with its section, the
@@ -176,8 +161,8 @@ class _Chain:
             if (self.force and stage in self.requested)
             else cache_lookup(self.ctx.workspace, stage, key)
         )
-        if cached is None and stage == "data" and stage not in self.requested:
-            cached = self._data_with_the_same_tokenizer(present)
+        if cached is None and stage not in self.requested:
+            cached = self._stand_in(st, present)
         if cached is not None:
             self.log.info("%s: cached (run %s)", stage, cached.mlflow_run_id)
             return self._finish(stage, cached)

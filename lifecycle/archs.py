@@ -130,3 +130,33 @@ def facts_from_dict(raw: dict[str, Any], source: str) -> ModelFacts:
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
         source=source,
     )
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """Raises `ModelDirError` unless every `*.safetensors` file in `model_dir` is whole: its
+    header parses and the file is exactly as long as the tensors it lists (a truncated copy,
+    an interrupted download). Reads only the headers: milliseconds for any model size."""
+    import json
+    import struct
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelDirError(f"{model_dir}: no *.safetensors weights")
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ModelDirError(f"{f}: not a safetensors file (header length {n})")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError as e:
+                raise ModelDirError(f"{f}: unreadable safetensors header ({e})") from None
+        end = max(
+            (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+        )
+        if size != 8 + n + end:
+            raise ModelDirError(
+                f"{f}: {size} bytes, but its header lists {8 + n + end} (truncated or padded)"
+            )

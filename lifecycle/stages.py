@@ -41,6 +41,10 @@ def _no_extras(_: PipelineConfig) -> dict[str, Any]:
     return {}
 
 
+def _no_stand_in(_: PipelineConfig) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -62,11 +66,45 @@ class Stage:
     """Whether its output depends on the watermark key (its key id joins the cache key)."""
     extras: Callable[[PipelineConfig], dict[str, Any]] = _no_extras
     """Keyword arguments from other sections of the config it needs."""
+    stand_in: Callable[[PipelineConfig], StandIn | None] = _no_stand_in
+    """When it is needed upstream but not asked for and has no result of its own: another
+    config whose cached result serves instead, and the check that result must pass."""
 
     @property
     def ships_model(self) -> bool:
         """Its artifact is a model that can be shipped (the last completed one wins)."""
         return self.registry_suffix is not None
+
+
+@dataclass(frozen=True)
+class StandIn:
+    config: PipelineConfig
+    accepts: Callable[[StageResult], bool]
+
+
+def _data_stand_in(c: PipelineConfig) -> StandIn | None:
+    """Data told to tokenize with a given tokenizer (`data.tokenizer.path`, e.g. the model a
+    `--from DIR` brought) can use the result of the same config that trained its own, when
+    that tokenizer is the given one: a model fine-tuned in this workspace comes back with the
+    data stage's own tokenizer."""
+    if c.data is None or c.data.tokenizer.path is None:
+        return None
+    given = c.data.tokenizer.path
+    own = c.data.model_copy(
+        update={"tokenizer": c.data.tokenizer.model_copy(update={"path": None})}
+    )
+
+    def same_tokenizer(res: StageResult) -> bool:
+        from lifecycle.data.pipeline import check_same_tokenizer
+        from lifecycle.models import load_tokenizer
+
+        try:
+            check_same_tokenizer(res.artifact_uri, load_tokenizer(given), "data")
+        except ValueError:
+            return False
+        return True
+
+    return StandIn(c.model_copy(update={"data": own}), same_tokenizer)
 
 
 def _fingerprint(c: PipelineConfig) -> bool:
@@ -90,6 +128,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         "data",
         "tasks.data:prepare_data",
         inputs=lambda c: [i.path for i in c.data.inputs] if c.data else [],
+        stand_in=_data_stand_in,
     ),
     Stage(
         "pretrain",

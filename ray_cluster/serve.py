@@ -335,6 +335,9 @@ class _Gate:
     health_check_timeout_s=60,
     graceful_shutdown_timeout_s=30,
     max_surge_percent=100,
+    # A model that does not load will not load on a later try either: one try, and the old
+    # version goes on serving (Serve's default, 20 tries, took minutes on a broken version).
+    max_constructor_retry_count=1,
 )
 @serve.ingress()
 class LLMServer:
@@ -548,9 +551,20 @@ def deploy_app(
     """Deploys `spec` as Serve app `name`, or rolls the app over to it; returns the app's base
     URL. Ray must be initialised. Blocks until the app is RUNNING (new replicas healthy).
 
-    A spec whose replicas fail to start raises `RollOverFailed` with their error; Serve keeps
-    the old replicas serving meanwhile, and with `previous` (the spec being served) the app is
-    put back on it, so nothing restarts and the next roll-over starts from a healthy app."""
+    A model dir whose weights are not whole raises `RollOverFailed` before anything starts. A
+    spec whose replica fails to start (one try) raises `RollOverFailed` with its error; Serve
+    keeps the old replicas serving meanwhile, and with `previous` (the spec being served) the
+    app is put back on it (Serve starts a fresh replica of it before the old one stops), so
+    the next roll-over starts from a healthy app."""
+    from lifecycle.archs import ModelDirError, check_weights
+
+    try:  # a truncated or half-copied version fails here, before any replica starts
+        check_weights(spec.model_dir)
+    except ModelDirError as e:
+        raise RollOverFailed(
+            f"{spec.version} did not start: {e}"
+            + (f"; still serving {previous.version}" if previous is not None else "")
+        ) from e
     client = _start_serve(cfg)
     try:
         serve.run(build_app(spec, cfg), name=name, route_prefix=route_prefix)

@@ -118,3 +118,25 @@ def test_a_model_dir_lends_its_tokenizer_to_the_data_stage(dirs):
     assert _adopt_model_source(cfg, {"sft": d, "data": "/x"}).data == cfg.data
     named = load_config("configs/finetune_cpu.yaml", ["data.tokenizer.path=/y"])
     assert _adopt_model_source(named, {"sft": d}).data.tokenizer.path == "/y"
+
+
+def test_weights_that_are_not_whole_are_found_from_the_headers(dirs, tmp_path):
+    """What the server checks before it starts a replica for a new version."""
+    import shutil
+
+    from lifecycle.archs import ModelDirError, check_weights
+
+    check_weights(dirs["llama"])
+    cut = tmp_path / "cut"
+    shutil.copytree(dirs["llama"], cut)
+    w = cut / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelDirError, match="truncated"):
+        check_weights(cut)
+    w.write_bytes(b"\xff" * 16)
+    with pytest.raises(ModelDirError, match="not a safetensors file"):
+        check_weights(cut)
+    w.unlink()
+    with pytest.raises(ModelDirError, match=r"no \*\.safetensors"):
+        check_weights(cut)
