@@ -355,16 +355,13 @@ class LLMServer:
         for k, v in vllm_env(s).items():  # before vLLM reads its environment
             os.environ.setdefault(k, v)
         self._scheme: Any = None
-        if s.watermark:  # fail the start, not the first request, on a missing key
-            from lifecycle.watermark.keys import load_key, watermark_hashing_key
-            from lifecycle.watermark.scheme import WatermarkScheme
+        key = None
+        if s.watermark:  # fail the start, before the engine, on a missing key
+            from lifecycle.watermark.keys import load_key
 
             if s.key_file:
                 os.environ["LIFECYCLE_WATERMARK_KEY_FILE"] = s.key_file  # the engine's copy
-            vocab = int(json.loads((Path(s.model_dir) / "config.json").read_text())["vocab_size"])
-            self._scheme = WatermarkScheme(
-                watermark_hashing_key(load_key(s.key_file)), vocab, s.watermark["gamma"]
-            )
+            key = load_key(s.key_file)
         self.args = parse_vllm_args(vllm_argv(s))
         engine_args = AsyncEngineArgs.from_cli_args(self.args)
         usage = UsageContext.OPENAI_API_SERVER
@@ -377,6 +374,12 @@ class LLMServer:
         )
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = vllm_config.model_config.max_model_len
+        if key is not None:  # the detector's vocabulary is the processor's: the model's own
+            from lifecycle.watermark.keys import watermark_hashing_key
+            from lifecycle.watermark.scheme import WatermarkScheme
+
+            vocab = vllm_config.model_config.hf_config.vocab_size
+            self._scheme = WatermarkScheme(watermark_hashing_key(key), vocab, s.watermark["gamma"])
         _guard_generate(self.engine, s)
         self.supported_tasks = await self.engine.get_supported_tasks()
         self.state = State()
