@@ -30,12 +30,11 @@ def _sample_shard(
     engine: str,
 ) -> list[list[str]]:
     if engine == "vllm":
-        import os
+        from vllm import SamplingParams
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else vLLM-CPU takes most RAM
-        from vllm import LLM, SamplingParams
+        from lifecycle.vllm_engine import offline_llm
 
-        llm = LLM(model=model_dir, seed=seed, enforce_eager=True)
+        llm = offline_llm(model_dir, kv_cache_gb=1, seed=seed)
         params = SamplingParams(
             n=k,
             temperature=temperature,
@@ -74,7 +73,8 @@ def sample_responses(
 ) -> list[list[str]]:
     """`k` samples for each prompt, computed by `num_workers` Ray tasks in parallel."""
     engine = default_engine(scaling) if engine in (None, "auto") else engine
-    task = as_task(_sample_shard, scaling)
+    # A vLLM engine's process-wide state goes with its process: one task per process.
+    task = as_task(_sample_shard, scaling, **({"max_calls": 1} if engine == "vllm" else {}))
     n = max(1, min(num_workers, len(prompts)))
     bounds = [len(prompts) * i // n for i in range(n + 1)]
     refs = [

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from lifecycle.config import ServeConfig
+from lifecycle.vllm_engine import engine_env
 from lifecycle.watermark.detect import with_verdict
 from ray_cluster import metrics as ray_metrics
 
@@ -161,9 +162,10 @@ def vllm_argv(spec: ServeSpec) -> list[str]:
 
 
 def vllm_env(spec: ServeSpec) -> dict[str, str]:
-    """The environment `vllm_argv` needs beside it: the KV cache size on CPU and the switch
-    of vLLM's runtime LoRA load/unload routes, which vLLM reads from the environment."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gb)))}
+    """The environment `vllm_argv` needs beside it: the CPU engine's (lifecycle.vllm_engine:
+    KV cache size, no fixed thread binding) and the switch of vLLM's runtime LoRA load/unload
+    routes, which vLLM reads from the environment."""
+    env = engine_env(spec.kv_cache_gb)
     lo = spec.lora
     if lo is not None and lo.get("allow_runtime_updates"):
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

@@ -58,20 +58,20 @@ def _vllm_watermark_job(
     cfg = WatermarkConfig.model_validate(cfg_dict)
     if key_file:
         os.environ[KEY_FILE_ENV] = key_file
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.vllm.kv_cache_gb))))
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from lifecycle.vllm_engine import offline_llm
     from lifecycle.watermark.keys import load_key, watermark_hashing_key
     from lifecycle.watermark.scheme import WatermarkScheme
     from lifecycle.watermark.vllm_processor import WatermarkLogitsProcessor
 
     longest = max(len(p) for p in [*open_prompts, *eval_prompts]) + cfg.max_tokens
-    llm = LLM(
-        model=model_dir,
+    llm = offline_llm(
+        model_dir,
+        kv_cache_gb=cfg.vllm.kv_cache_gb,
         dtype=cfg.vllm.dtype,
         max_model_len=longest + 1,
-        enforce_eager=True,
         seed=0,
         logits_processors=[WatermarkLogitsProcessor],
     )

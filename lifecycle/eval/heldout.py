@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,17 +79,18 @@ def evaluate_vllm(
 ) -> dict[str, Any]:
     """The same measurements with vLLM serving the checkpoint (its quantized kernels):
     greedy generation, and perplexity from the prompt log-probabilities."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(kv_cache_gb))))
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     rows = [ids for rows in score_sets.values() for ids, _ in rows]
     longest = max(len(r) for r in [*prompt_ids, *rows])
-    llm = LLM(
-        model=model_dir,
+    from lifecycle.vllm_engine import offline_llm
+
+    llm = offline_llm(
+        model_dir,
+        kv_cache_gb=kv_cache_gb,
         dtype=dtype,
         max_model_len=longest + max_new_tokens,
-        enforce_eager=True,
         seed=0,
         disable_log_stats=True,
     )
