@@ -1,23 +1,32 @@
-"""Serving under load: our Ray Serve + vLLM endpoint vs a transformers `generate` server
-(one request at a time) and vs vLLM's own OpenAI server, on the same model, in one run.
+"""Serving under load: our endpoint (Ray Serve → vLLM's own OpenAI app) against bare vLLM
+(`vllm serve` with the same arguments), both driven by vLLM's own benchmark client.
 
     .venv/bin/python bench/serve_load.py [--model DIR] [--hidden 256] [--layers 4]
-                                         [--clients 1,8,32] [--max-tokens 64]
+        [--clients 1,8,32] [--prompts-per-client 4] [--input-len 32] [--output-len 64]
+        [--reps 3] [--threads 2]
 
-The model is `--model DIR` (an HF dir with tokenizer) or a random-init Llama built here with a
-tokenizer trained on the demo corpus. Three servers, one after another (2 cores: never two at
-once), each bound to 127.0.0.1 on a free port:
+One run, one machine, one model (`--model DIR`, or a random-init Llama built here with a
+tokenizer trained on the demo corpus). Three servers are up at once, each on 127.0.0.1, and
+only one has load at any time:
 
-- `ours`: ray_cluster/serve.py (Ray Serve proxy → replica → vLLM AsyncLLM), watermark off so
-  that the comparison with bare vLLM is like for like (`ours+wm`: with it, reported too);
-- `vllm`: `python -m vllm.entrypoints.openai.api_server` (the engine without Ray Serve);
-- `hf`: a FastAPI server around transformers `generate`, one request at a time (a lock).
+- `ours`: ray_cluster/serve.py as deployed (Serve proxy → replica → vLLM's app), watermark off;
+- `ours+wm`: a second Serve app on the same proxy, watermark on (its cost, reported apart);
+- `vllm`: `python -m vllm.entrypoints.launchers.api_server.entry` with `vllm_argv(spec)` and
+  `vllm_env(spec)` — the engine arguments and environment our replica parses.
 
-For each client count C, C concurrent clients (threads) send `/v1/completions` requests with
-a 16-token prompt and `max_tokens` output tokens (`min_tokens` = `max_tokens`, so every request
-makes the same number of tokens; greedy) until each has sent `--requests-per-client` (at least
-one). Reported per server and C: generated tokens/s over the wall time, p50/p99 request
-latency; then the ratios ours/hf and ours/vllm. Prints JSON lines and a markdown table.
+Same threads and CPU binding for all: `OMP_NUM_THREADS=--threads` in the environment Ray and
+the bare server start from, and vllm_env's thread binding (`nobind`).
+
+Load: `vllm.benchmarks.serve` (random dataset, `--ignore-eos` so every request makes
+`--output-len` tokens, `--max-concurrency C`, C × prompts-per-client prompts, seed = the
+repetition). For each repetition and client count every server gets one level, in an order
+rotated per repetition and level. While a level runs, the running-requests gauge is sampled:
+bare vLLM's `/metrics` (`vllm:num_requests_running`) and, for ours, the same gauge on Ray's
+Prometheus endpoint (`ray_vllm_num_requests_running`, exported every second here); its maximum
+above 1 shows that the engine batched.
+
+Printed: one JSON line per level, then medians over repetitions (output tokens/s, TTFT and TPOT
+medians), failed requests, the gauge's maximum, and the ratios ours / vllm and ours+wm / ours.
 """
 
 from __future__ import annotations
@@ -25,29 +34,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydantic import BaseModel
-
 from bench._machine import machine
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+BENCH_CLIENT = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+    "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
 
 
 def build(out: Path, hidden: int, layers: int) -> str:
@@ -67,135 +73,64 @@ def build(out: Path, hidden: int, layers: int) -> str:
     return str(save_model(build_model(mc, tok, 0), tok, out / "model"))
 
 
-# ---- the baseline: transformers generate, one request at a time ---------------------------
+def get(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
 
 
-class HFBody(BaseModel):
-    prompt: list[int]
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 0.0
-    model: str | None = None
-
-
-def hf_server(model_dir: str, port: int) -> None:
-    import torch
-    import uvicorn
-    from fastapi import FastAPI
-
-    from lifecycle.models import load_model
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = load_model(model_dir).eval()
-    lock = threading.Lock()
-    app = FastAPI()
-
-    @app.post("/v1/completions")
-    def complete(b: HFBody) -> dict:
-        with lock, torch.no_grad():
-            ids = torch.tensor([b.prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=b.max_tokens,
-                min_new_tokens=b.min_tokens,
-                do_sample=False,
-            )
-        n = out.shape[1] - ids.shape[1]
-        return {"choices": [{"text": ""}], "usage": {"completion_tokens": n}}
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"ok": True}
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-
-
-# ---- the load generator --------------------------------------------------------------------
-
-
-def load(url: str, clients: int, per_client: int, max_tokens: int, model: str) -> dict:
-    import httpx
-
-    lat: list[float] = []
-    tokens = 0
-    errors = 0
-    lock = threading.Lock()
-
-    def client(i: int) -> None:
-        nonlocal tokens, errors
-        with httpx.Client(timeout=600) as c:
-            for r in range(per_client):
-                body = {
-                    "model": model,
-                    "prompt": [5 + (i * 7 + r * 3 + j) % 200 for j in range(16)],
-                    "max_tokens": max_tokens,
-                    "min_tokens": max_tokens,
-                    "temperature": 0.0,
-                }
-                t0 = time.perf_counter()
-                resp = c.post(f"{url}/v1/completions", json=body)
-                dt = time.perf_counter() - t0
-                with lock:
-                    if resp.status_code != 200:
-                        errors += 1
-                        continue
-                    lat.append(dt)
-                    tokens += resp.json()["usage"]["completion_tokens"]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {
-        "clients": clients,
-        "requests": len(lat),
-        "errors": errors,
-        "tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
-        "p50_s": statistics.median(lat) if lat else float("nan"),
-        "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
-    }
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    import httpx
-
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
+        if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+            get(url)
+            return
+        except OSError:
+            time.sleep(1)
     raise TimeoutError(url)
 
 
-def run_levels(name: str, url: str, model: str, args: argparse.Namespace) -> list[dict]:
-    rows = []
-    load(url, 2, 1, args.max_tokens, model)  # warm-up
-    for c in args.clients:
-        per = max(1, args.requests_per_client if c > 1 else 8)
-        r = {"server": name, **load(url, c, per, args.max_tokens, model)}
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-    return rows
+class GaugeMax:
+    """The largest value of a Prometheus gauge (lines matching `pattern`) seen while active."""
+
+    def __init__(self, url: str, pattern: str) -> None:
+        self.url, self.re = url, re.compile(pattern)
+        self.max, self._stop = 0.0, threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in get(self.url).splitlines():
+                    if self.re.match(line):
+                        self.max = max(self.max, float(line.rsplit(" ", 1)[1]))
+            except (OSError, ValueError):
+                pass
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> GaugeMax:
+        self._t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        time.sleep(1.5)  # one more export of Ray's metrics
+        self._stop.set()
+        self._t.join()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def bench_level(url: str, model: str, tokenizer: str, c: int, rep: int, args, out: Path) -> dict:
+    name = f"r{rep}-c{c}-{model}.json"
+    cmd = [sys.executable, "-c", BENCH_CLIENT, "--backend", "openai", "--base-url", url]
+    cmd += ["--model", model, "--tokenizer", tokenizer, "--dataset-name", "random"]
+    cmd += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
+    cmd += ["--ignore-eos", "--num-prompts", str(c * args.prompts_per_client)]
+    cmd += ["--max-concurrency", str(c), "--seed", str(rep), "--save-result"]
+    cmd += ["--result-dir", str(out), "--result-filename", name]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout[-2000:] + p.stderr[-2000:])
+    return json.loads((out / name).read_text())
 
 
 def main() -> None:
@@ -204,105 +139,136 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--hf-server", default=None, help=argparse.SUPPRESS)  # child mode
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-per-client", type=int, default=4)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    if args.hf_server:
-        hf_server(args.hf_server, args.port)
-        return
-    args.clients = [int(c) for c in args.clients.split(",")]
-    print(f"machine: {machine()}", flush=True)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    clients = [int(c) for c in args.clients.split(",")]
+    print(f"machine: {machine()}; OMP_NUM_THREADS={args.threads}", flush=True)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before Ray and the bare server start
+    os.environ.setdefault("LIFECYCLE_WATERMARK_KEY", "bench-key-not-secret-0001")
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model_dir = args.model or build(tmp, args.hidden, args.layers)
-    rows: list[dict] = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    # 1. ours: Ray Serve + vLLM (watermark off, then on)
     import ray
 
     from lifecycle.config import ServeConfig
-    from ray_cluster.serve import deploy_app, make_spec, shutdown
+    from ray_cluster.serve import (
+        deploy_app,
+        free_port,
+        make_spec,
+        shutdown,
+        vllm_argv,
+        vllm_env,
+    )
 
-    # (the replicas' engines read the watermark key from the environment Ray starts them in)
-    os.environ.setdefault("LIFECYCLE_WATERMARK_KEY", "bench-key-not-secret-0001")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = ServeConfig(port=0, max_ongoing_requests=32, max_queued_requests=256, max_tokens=256)
-        url = deploy_app(make_spec(model_dir, cfg, "m", "bench"), cfg)
-        rows += run_levels("ours", url, "m", args)
-        wm = {"gamma": 0.25, "delta": 2.0, "z_threshold": 4.0}
-        url = deploy_app(make_spec(model_dir, cfg, "m", "bench-wm", wm), cfg)
-        rows += run_levels("ours+wm", url, "m", args)
-    finally:
-        shutdown()
-        ray.shutdown()
-
-    # 2. bare vLLM OpenAI server, same engine settings
+    cfg = ServeConfig(
+        port=0,
+        max_ongoing_requests=max(clients),
+        max_queued_requests=256,
+        max_tokens=256,
+        resources_per_replica={"CPU": args.threads},
+    )
+    wm = {"gamma": 0.25, "delta": 2.0, "z_threshold": 4.0}
+    spec = make_spec(model_dir, cfg, "m", "bench")
+    spec_wm = make_spec(model_dir, cfg, "m-wm", "bench-wm", wm)
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=max(2, args.threads),
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model_dir,
-            "--served-model-name",
-            "m",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "256",
-            "--max-num-seqs",
-            "32",
-            "--dtype",
-            "bfloat16",
-            "--enforce-eager",
-            "--disable-log-stats",
+            "vllm.entrypoints.launchers.api_server.entry",
+            *vllm_argv(spec),
+            *("--host", "127.0.0.1", "--port", str(port)),
         ],
-        env=env,
+        env={**os.environ, **vllm_env(spec)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    bare = f"http://127.0.0.1:{port}"
+    rows: list[dict] = []
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
-        rows += run_levels("vllm", f"http://127.0.0.1:{port}", "m", args)
+        ours = deploy_app(spec, cfg, name="bench", route_prefix="/")
+        ours_wm = deploy_app(spec_wm, cfg, name="bench-wm", route_prefix="/wm")
+        wait_http(f"{bare}/health", 600, proc)
+        ray_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        servers = {
+            "ours": (ours, "m", ray_metrics, r'ray_vllm_num_requests_running\{.*model_name="m"'),
+            "vllm": (bare, "m", f"{bare}/metrics", r"vllm:num_requests_running\{"),
+            "ours+wm": (
+                ours_wm,
+                "m-wm",
+                ray_metrics,
+                r'ray_vllm_num_requests_running\{.*model_name="m-wm"',
+            ),
+        }
+        for url, model, *_ in servers.values():  # warm-up, not recorded
+            bench_level(url, model, model_dir, 2, 99, args, tmp)
+        names = list(servers)
+        for rep in range(args.reps):
+            for i, c in enumerate(clients):
+                k = (rep + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    url, model, murl, pattern = servers[name]
+                    with GaugeMax(murl, pattern) as g:
+                        r = bench_level(url, model, model_dir, c, rep, args, tmp)
+                    row = {
+                        "server": name,
+                        "clients": c,
+                        "rep": rep,
+                        "completed": r["completed"],
+                        "failed": r.get("failed", 0),
+                        "output_tok_s": r["output_throughput"],
+                        "median_ttft_ms": r["median_ttft_ms"],
+                        "median_tpot_ms": r["median_tpot_ms"],
+                        "max_running": g.max,
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     finally:
-        stop(proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        for app in ("bench-wm", "bench"):
+            shutdown(app)
+        ray.shutdown()
 
-    # 3. transformers generate, one request at a time
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--hf-server", model_dir, "--port", str(port)],
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
-        rows += run_levels("hf", f"http://127.0.0.1:{port}", "m", args)
-    finally:
-        stop(proc)
+    def med(server: str, c: int, key: str) -> float:
+        return statistics.median(
+            r[key] for r in rows if r["server"] == server and r["clients"] == c
+        )
 
-    by = {(r["server"], r["clients"]): r for r in rows}
-    print(f"\nmodel: {model_dir}; {args.max_tokens} tokens per request; machine: {machine()}")
     print(
-        "| clients | ours tok/s | ours p50 / p99 s | ours+wm tok/s | vLLM tok/s | "
-        "HF generate tok/s | HF p50 / p99 s | ours / HF | ours / vLLM |"
+        f"\nmodel: {model_dir}; {args.input_len} prompt + {args.output_len} output tokens per "
+        f"request, {args.prompts_per_client} requests per client, {args.reps} repetitions; "
+        f"OMP_NUM_THREADS={args.threads}; machine: {machine()}"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for c in args.clients:
-        o, w, v, h = (by[(s, c)] for s in ("ours", "ours+wm", "vllm", "hf"))
+    print(
+        "| clients | ours tok/s | vLLM tok/s | **ours / vLLM** | ours TTFT / TPOT ms | "
+        "vLLM TTFT / TPOT ms | ours+wm tok/s | ours+wm / ours | max running (ours, vLLM) "
+        "| failed |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in clients:
+        o, v, w = (med(s, c, "output_tok_s") for s in ("ours", "vllm", "ours+wm"))
+        failed = sum(r["failed"] for r in rows if r["clients"] == c)
+        run_o = max(r["max_running"] for r in rows if r["server"] == "ours" and r["clients"] == c)
+        run_v = max(r["max_running"] for r in rows if r["server"] == "vllm" and r["clients"] == c)
         print(
-            f"| {c} | {o['tokens_per_s']:.0f} | {o['p50_s']:.2f} / {o['p99_s']:.2f} | "
-            f"{w['tokens_per_s']:.0f} | {v['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
-            f"{h['p50_s']:.2f} / {h['p99_s']:.2f} | "
-            f"{o['tokens_per_s'] / h['tokens_per_s']:.2f}x | "
-            f"{o['tokens_per_s'] / v['tokens_per_s']:.2f}x |"
+            f"| {c} | {o:.0f} | {v:.0f} | **{o / v:.2f}x** | "
+            f"{med('ours', c, 'median_ttft_ms'):.0f} / {med('ours', c, 'median_tpot_ms'):.1f} | "
+            f"{med('vllm', c, 'median_ttft_ms'):.0f} / {med('vllm', c, 'median_tpot_ms'):.1f} | "
+            f"{w:.0f} | {w / o:.2f}x | {run_o:.0f}, {run_v:.0f} | {failed} |"
         )
 
 

@@ -27,7 +27,13 @@ from typing import Any
 
 from lifecycle import tracking
 from lifecycle.config import PipelineConfig, ServeConfig
-from lifecycle.registry import champion_version, key_file_for, resolve_model, watermark_settings
+from lifecycle.registry import (
+    champion_version,
+    key_file_for,
+    resolve_model,
+    watermark_settings,
+    with_adapters,
+)
 
 STATE_FILE = "serve/state.json"
 LOG_FILE = "serve/serve.log"
@@ -43,7 +49,7 @@ def _spec(model: str, uri: str, ws: Path, scfg: ServeConfig, model_id: str) -> A
     d, label, tags = resolve_model(model, uri, ws)
     wm = watermark_settings(tags) if scfg.watermark else None
     kf = key_file_for(ws, tags.get("lifecycle.watermark.key_id")) if wm else None
-    return make_spec(d, scfg, model_id, label, wm, kf)
+    return make_spec(d, with_adapters(scfg, uri, ws), model_id, label, wm, kf)
 
 
 def serve_forever(
@@ -229,6 +235,12 @@ def follow_champion(
             served = None
         if served == want:
             return {"serving": True, "url": state["url"], "version": want, "pid": state["pid"]}
+        now = read_state(workspace) or {}
+        if now.get("failed_version") == want:  # the server tried and kept the old version
+            raise RuntimeError(
+                f"the server at {state['url']} could not roll over to {want} and still serves "
+                f"{served}: {now.get('failed_error', '')}"
+            )
         if time.time() > deadline:
             raise TimeoutError(f"the server at {state['url']} serves {served}, not {want}")
         time.sleep(1)

@@ -838,7 +838,10 @@ class LoraServeConfig(_Strict):
     """LoRA adapters served as their own model ids on the one base engine (vLLM's LoRA)."""
 
     adapters: dict[str, str] = Field(
-        default_factory=dict, description="model id -> PEFT adapter dir, loaded at start"
+        default_factory=dict,
+        description="model id -> PEFT adapter, loaded at start: a dir, a registered version "
+        "(models:/NAME/VERSION or @ALIAS) or a run's artifacts (runs:/RUN_ID/adapter: the SFT "
+        "stage logs its adapter there)",
     )
     allow_runtime_updates: bool = Field(
         False,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 
 from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
-from lifecycle.config import config_hash
+from lifecycle.config import ServeConfig, config_hash
 from lifecycle.stages import STAGES, stage, trainable_stages
 from lifecycle.watermark.keys import KEY_ENV, KEY_FILE_ENV, key_id, load_key
 
@@ -150,6 +151,42 @@ def resolve_model(model: str, tracking_uri: str, workspace: Path) -> tuple[Path,
         return d, f"dir:{d.name}", {}
     mv, d = fetch_version(tracking_uri, model, workspace / "serving")
     return d, f"{mv.name}/{mv.version}", dict(mv.tags)
+
+
+_RUN_REF = re.compile(r"runs:/([0-9a-f]{32})/([\w.-]+(?:/[\w.-]+)*)")
+
+
+def resolve_adapter(ref: str, tracking_uri: str, workspace: Path) -> Path:
+    """The local dir of a PEFT adapter named by `ref`: a registered version
+    (`models:/NAME/VERSION`, `models:/NAME@ALIAS`) or a run's artifact dir (`runs:/RUN_ID/adapter`,
+    where the SFT stage logs its adapter), fetched into `<workspace>/serving/`, or a local dir.
+    ValueError when it is not an adapter (no adapter_config.json)."""
+    if ref.startswith("models:/"):
+        _, d = fetch_version(tracking_uri, ref, workspace / "serving")
+    elif ref.startswith("runs:/"):
+        m = _RUN_REF.fullmatch(ref)
+        if m is None or ".." in m.group(2).split("/"):
+            raise ValueError(f"{ref}: not an adapter reference runs:/<32-hex run id>/<path>")
+        dest = workspace / "serving" / "runs" / m.group(1) / m.group(2)
+        d = tracking.fetch_run_artifacts(tracking_uri, ref, dest)
+    else:
+        d = Path(ref).resolve()
+    if not (d / "adapter_config.json").is_file():
+        raise ValueError(f"{ref}: not a PEFT adapter (no adapter_config.json in {d})")
+    return d
+
+
+def with_adapters(serve_cfg: ServeConfig, tracking_uri: str, workspace: Path) -> ServeConfig:
+    """`serve_cfg` with every LoRA adapter reference (deploy.serve.lora.adapters) made a local
+    dir by `resolve_adapter`: what the replicas load."""
+    if serve_cfg.lora is None or not serve_cfg.lora.adapters:
+        return serve_cfg
+    adapters = {
+        k: str(resolve_adapter(v, tracking_uri, workspace))
+        for k, v in serve_cfg.lora.adapters.items()
+    }
+    lora = serve_cfg.lora.model_copy(update={"adapters": adapters})
+    return serve_cfg.model_copy(update={"lora": lora})
 
 
 def trainable_base(tracking_uri: str, model_uri: str) -> str:

@@ -355,3 +355,21 @@ def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
         inner.rename(dest)
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def fetch_run_artifacts(tracking_uri: str, artifact_uri: str, dest: str | Path) -> Path:
+    """Downloads `runs:/RUN_ID/PATH` (a run's artifact directory) into `dest` (once)."""
+    dest = Path(dest)
+    if not dest.is_dir():
+        import mlflow.artifacts
+
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=tracking_uri
+        )
+        inner = next(tmp.iterdir()) if len(list(tmp.iterdir())) == 1 else tmp
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        inner.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -32,10 +32,12 @@ KV_CACHE = "VLLM_CPU_KVCACHE_SPACE"
 
 def engine_env(kv_cache_gb: float) -> dict[str, str]:
     """The environment variables an engine needs on CPU machines (vLLM ignores them on GPU):
-    its KV cache in GiB (whole GiB, rounded up) and no fixed thread binding. Variables already
-    set in this process's environment keep their value."""
-    env = {KV_CACHE: str(max(1, math.ceil(kv_cache_gb))), THREADS_BIND: "nobind"}
-    return {k: os.environ.get(k) or v for k, v in env.items()}
+    the config's KV cache in GiB (whole GiB, rounded up) and no fixed thread binding unless
+    this process's environment names one (`VLLM_CPU_OMP_THREADS_BIND=0-15|16-31`, say)."""
+    return {
+        KV_CACHE: str(max(1, math.ceil(kv_cache_gb))),
+        THREADS_BIND: os.environ.get(THREADS_BIND) or "nobind",
+    }
 
 
 def offline_llm(model_dir: str, *, kv_cache_gb: float = 1.0, **kwargs: Any) -> Any:

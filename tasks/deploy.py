@@ -51,6 +51,7 @@ from lifecycle.registry import (
     set_champion,
     watermark_settings,
     watermark_tags,
+    with_adapters,
 )
 from lifecycle.stages import shipped_model
 from lifecycle.watermark.keys import key_id, load_key
@@ -273,7 +274,7 @@ def deploy(
             kf = key_file_for(ctx.workspace, serving_mv.tags.get("lifecycle.watermark.key_id"))
             spec = make_spec(
                 serve_dir,
-                cfg.serve,
+                with_adapters(cfg.serve, uri, Path(ctx.workspace)),
                 cfg.serve.model_id or name,
                 f"{name}/{serving_mv.version}",
                 wm,

@@ -146,8 +146,11 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
 
 
-def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tuple[int, dict]:
-    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary)."""
+def run_cli(
+    ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml", threads: str | None = None
+) -> tuple[int, dict]:
+    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary). `threads`:
+    its OMP_NUM_THREADS instead of this worker's share."""
     cmd = [
         LIFECYCLE,
         "run",
@@ -159,7 +162,10 @@ def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tup
         f"cluster.dashboard_port={free_port()}",
         *extra,
     ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    env = None
+    if threads:
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     with open(
         ws.parent / "cli.log", "a"
     ) as log:  # what the run printed: the key-leak test reads it
@@ -193,7 +199,9 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
         if not done.is_file():
             ws = shared / "chain" / "ws"
             ws.parent.mkdir(parents=True, exist_ok=True)
-            rc, summary = run_cli(ws, "--run-name", "first")
+            # Every core's threads: the chain is the suite's critical path (the chain
+            # module's tests and the stage tests reading its outputs wait for it).
+            rc, summary = run_cli(ws, "--run-name", "first", threads=str(os.cpu_count() or 1))
             assert rc == 0, summary
             done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))
     got = json.loads(done.read_text())

@@ -221,11 +221,14 @@ def test_whole_chain_then_cached_rerun(whole_chain):
 
 
 @pytest.mark.timeout(1800)
-def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whole_chain):
+def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whole_chain, tmp_path):
     """`lifecycle run --stages deploy --from quantize=<the pretrained model> --serve`: the
     forced worse candidate leaves the champion in place with a report; the same process then
     serves the champion (a fresh process image, its own Ray) until `serve stop`, and no Prefect
-    server the run started is left behind. `lifecycle rollback` walks the alias back. (The
+    server the run started is left behind. A champion whose weights are truncated does not
+    take the endpoint down: the server keeps serving the old version under a steady client and
+    reports the failure in `serve status` and its log. `lifecycle rollback` walks the alias
+    back. (The
     server following the alias through promotions and rollbacks under a steady client is in
     test_retrain_and_redeploy_as_prefect_deployments.)"""
     ws, summary = whole_chain
@@ -235,10 +238,14 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
     cmd = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--serve"]
     cmd += ["--stages", "deploy", "--from", f"quantize={stages['pretrain']['artifact_uri']}"]
     cmd += ["--set", "watermark=null", "--run-name", "worse"]
+    # 64 held-out prompts (the gap limit follows: 1/64 per differing answer): the pretrained
+    # model's exact match is 0 on any number of them.
+    cmd += ["--set", "deploy.eval.prompts=64", "--set", "deploy.max_endpoint_exact_match_gap=0.05"]
     cmd += ["--set", f"deploy.serve.port={port}", "--set", f"cluster.dashboard_port={free_port()}"]
     before = _ephemeral_prefect_servers()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the server writes to it
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         state_file = ws / "serve" / "state.json"
@@ -275,6 +282,7 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
             [LIFECYCLE, "serve", "status", "--workspace", str(ws)], capture_output=True, text=True
         )
         assert st.returncode == 0 and json.loads(st.stdout)["health"]["status"] == "ok"
+        _broken_champion_keeps_the_old_one_serving(ws, uri, url, log.name)
         stopped = subprocess.run([LIFECYCLE, "serve", "stop", "--workspace", str(ws)], timeout=300)
         assert stopped.returncode == 0
         assert proc.wait(timeout=120) == 0
@@ -284,6 +292,7 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
     assert not (ws / "serve" / "state.json").exists()
     gone = subprocess.run([LIFECYCLE, "serve", "status", "--workspace", str(ws)])
     assert gone.returncode == 1
@@ -297,6 +306,64 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
     )
     assert r.returncode == 0 and "champion 2 -> 1" in r.stdout, r.stderr
     assert str(c.get_model_version_by_alias("tiny-llm", "champion").version) == "1"
+
+
+def _broken_champion_keeps_the_old_one_serving(ws: Path, uri: str, url: str, log: str) -> None:
+    """A new registry version whose weights file is cut in half becomes champion while a
+    client keeps sending requests: the roll-over fails before any replica starts, every
+    request is answered by version 1, and the failure is in `serve status` and the log. The
+    alias is then rolled back."""
+    import shutil
+
+    from lifecycle.registry import set_champion
+
+    broken = ws.parent / "broken-v1"
+    shutil.copytree(ws / "serving" / "tiny-llm" / "1", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("llm-lifecycle").experiment_id
+    run_id = c.create_run(exp, run_name="broken-upload").info.run_id
+    version = tracking.register_model(uri, run_id, "tiny-llm", broken, {})
+    stop, results = threading.Event(), []
+
+    def steady() -> None:
+        body = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6}
+        while not stop.is_set():
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+            results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
+            stop.wait(0.3)
+
+    client = threading.Thread(target=steady)
+    client.start()
+    try:
+        set_champion(uri, "tiny-llm", version)
+        deadline = time.time() + 120
+        while True:
+            st = subprocess.run(
+                [LIFECYCLE, "serve", "status", "--workspace", str(ws)],
+                capture_output=True,
+                text=True,
+            )
+            state = json.loads(st.stdout)
+            if state.get("failed_version") == f"tiny-llm/{version}":
+                break
+            assert time.time() < deadline, state
+            time.sleep(2)
+        assert "model.safetensors" in state["failed_error"], state["failed_error"]
+        assert state["version"] == "tiny-llm/1" and state["health"]["version"] == "tiny-llm/1"
+        time.sleep(2)
+    finally:
+        stop.set()
+        client.join()
+    assert results and all(r == (200, "tiny-llm/1") for r in results), results
+    assert (
+        f"roll-over to tiny-llm/{version} FAILED; still serving tiny-llm/1" in Path(log).read_text()
+    )
+    r = subprocess.run(
+        [LIFECYCLE, "rollback", "--workspace", str(ws)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and f"champion {version} -> 1" in r.stdout, r.stderr
 
 
 def test_the_key_never_leaves_the_environment(whole_chain):

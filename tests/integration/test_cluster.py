@@ -58,7 +58,10 @@ def test_strict_spread_and_a_killed_worker_node(tmp_path):
 
         run = [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--json"]
         run += ["--stages", "data,pretrain", "--set", f"cluster.address={state['address']}"]
+        # Placement and recovery are under test, not learning: a small corpus and batch.
         for kv in (
+            "data.demo.num_docs=1000",
+            "pretrain.micro_batch_size=4",
             "pretrain.scaling.num_workers=2",
             "pretrain.scaling.placement_strategy=STRICT_SPREAD",
             "pretrain.scaling.resources_per_worker={CPU: 1}",

@@ -36,7 +36,13 @@ def served(whole_chain, ray_session):
     cfg = ServeConfig(port=0, max_tokens=220)
     spec = make_spec(stages["quantize"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/1", WM)
     url = deploy_app(spec, cfg)
-    yield {"url": url, "cfg": cfg, "stages": stages, "data": stages["data"]["artifact_uri"]}
+    yield {
+        "url": url,
+        "cfg": cfg,
+        "stages": stages,
+        "data": stages["data"]["artifact_uri"],
+        "tracking_uri": summary["mlflow"]["tracking_uri"],
+    }
     shutdown()
 
 
@@ -444,10 +450,11 @@ def test_conformance_with_vllms_own_server_and_its_benchmark_client(served, tmp_
 
 
 def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp_path):
-    """The SFT stage's adapter and a second one (its B matrices negated) served beside their
-    base as their own model ids: each id answers greedily as PEFT does with that adapter; a
-    third adapter loaded through vLLM's /v1/load_lora_adapter is served at once, no restart,
-    and unloaded again."""
+    """The SFT stage's adapter (named by its MLflow run: `runs:/RUN_ID/adapter`) and a second
+    one (a dir: its B matrices negated) served beside their base as their own model ids: each
+    id answers greedily as PEFT does with that adapter; a third adapter loaded through vLLM's
+    /v1/load_lora_adapter is served at once, no restart, and unloaded again. A reference that
+    is no adapter is refused before anything starts."""
     import safetensors.torch
     from peft import PeftModel
 
@@ -455,6 +462,7 @@ def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp
     from lifecycle.data.instruct import demo_prompts
     from lifecycle.eval.generate import generate
     from lifecycle.models import chat_tokenizer, load_model
+    from lifecycle.registry import with_adapters
     from ray_cluster.serve import deploy_app, make_spec, shutdown
 
     stages = served["stages"]
@@ -465,16 +473,31 @@ def test_lora_adapters_beside_the_base_and_a_new_one_without_restart(served, tmp
     weights = safetensors.torch.load_file(flipped / "adapter_model.safetensors")
     weights = {k: (-v if "lora_B" in k else v) for k, v in weights.items()}
     safetensors.torch.save_file(weights, flipped / "adapter_model.safetensors")
+    sft_run = f"runs:/{stages['sft']['mlflow_run_id']}/adapter"
     cfg = ServeConfig(
         port=0,
         max_tokens=64,
         dtype="float32",  # the reference below is PyTorch in float32
         lora=LoraServeConfig(
-            adapters={"sft": str(sft_adapter), "flipped": str(flipped)},
+            adapters={"sft": sft_run, "flipped": str(flipped)},
             allow_runtime_updates=True,
             max_lora_rank=16,
         ),
     )
+    uri = served["tracking_uri"]
+    cfg = with_adapters(cfg, uri, tmp_path / "ws")
+    fetched = Path(cfg.lora.adapters["sft"])
+    assert fetched.is_relative_to(tmp_path / "ws" / "serving")
+    assert (fetched / "adapter_model.safetensors").read_bytes() == (
+        sft_adapter / "adapter_model.safetensors"
+    ).read_bytes()
+    for bad in (base, f"runs:/{stages['sft']['mlflow_run_id']}/../x"):
+        with pytest.raises(ValueError, match="adapter"):
+            with_adapters(
+                cfg.model_copy(update={"lora": LoraServeConfig(adapters={"x": bad})}),
+                uri,
+                tmp_path / "ws",
+            )
     spec = make_spec(base, cfg, "base", "base/1")
     url = deploy_app(spec, cfg, name="lora", route_prefix="/lora")
     try:

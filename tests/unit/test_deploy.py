@@ -144,3 +144,21 @@ def test_production_cluster_files_parse_and_name_their_parts():
     assert app._bound_deployment.name == "LLMServer"
     with pytest.raises(ValueError, match="model_dir"):
         app_from_env({})
+
+
+def test_engine_env_sizes_the_kv_cache_and_binds_no_threads_unless_told(monkeypatch):
+    from lifecycle.vllm_engine import engine_env
+    from ray_cluster.serve import ServeSpec, vllm_env
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "9")  # the config's size wins
+    assert engine_env(1.5) == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")  # a user's own binding is kept
+    spec = ServeSpec(
+        model_dir="/m", model_id="m", kv_cache_gb=0.5, lora={"allow_runtime_updates": 1}
+    )
+    assert vllm_env(spec) == {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-3",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    }
