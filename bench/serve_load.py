@@ -176,7 +176,7 @@ def main() -> None:
     spec_wm = make_spec(model_dir, cfg, "m-wm", "bench-wm", wm)
     metrics_port = free_port()
     ray.init(
-        num_cpus=max(2, args.threads),
+        num_cpus=2 * args.threads,  # both Serve apps' replicas placed (one loaded at a time)
         include_dashboard=False,
         log_to_driver=False,
         _metrics_export_port=metrics_port,

@@ -34,7 +34,7 @@ from lifecycle.training import make_optimizer, make_scheduler, train_step
 
 steps = int(sys.argv[1])
 mc = load_config("configs/tiny_cpu.yaml").pretrain.model
-cfg = SFTConfig(method="full", max_steps=steps + 5)
+cfg = SFTConfig(method="full", max_steps=steps + 5, warmup_steps=1)
 
 class Tok:  # build_model reads the vocabulary size and special ids only
     vocab_size, pad_token_id, bos_token_id, eos_token_id = 280, 0, 1, 2

@@ -13,8 +13,8 @@ from pathlib import Path
 # Threads: pytest-xdist runs N workers on this machine's cores, so each worker, and every
 # process it starts (the CLI runs, their local Rays, Ray workers and vLLM engines inherit the
 # variable; Ray keeps an OMP_NUM_THREADS it finds), computes on cores/N threads. OpenMP
-# teams that outnumber the cores spin against each other: the chain's SFT step, two processes
-# on 2 cores, ran 11 steps/s each with 2 threads and 33 with 1 (docs/benchmarks.md).
+# teams that outnumber the cores spin against each other: two training processes on 2 cores
+# made 23 steps/s together with 2 threads each, 87 with 1 each (bench/threads.py).
 _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
