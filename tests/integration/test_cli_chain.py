@@ -308,6 +308,22 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
     assert str(c.get_model_version_by_alias("tiny-llm", "champion").version) == "1"
 
 
+def _steady_client(url: str, stop: threading.Event, results: list) -> threading.Thread:
+    """A started thread that sends a chat request every 0.5 s until `stop`, appending
+    (status code, served version header) to `results`."""
+
+    def steady() -> None:
+        body = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6}
+        while not stop.is_set():
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+            results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
+            stop.wait(0.5)
+
+    client = threading.Thread(target=steady)
+    client.start()
+    return client
+
+
 def _broken_champion_keeps_the_old_one_serving(ws: Path, uri: str, url: str, log: str) -> None:
     """A new registry version whose weights file is cut in half becomes champion while a
     client keeps sending requests: the roll-over fails before any replica starts, every
@@ -326,16 +342,7 @@ def _broken_champion_keeps_the_old_one_serving(ws: Path, uri: str, url: str, log
     run_id = c.create_run(exp, run_name="broken-upload").info.run_id
     version = tracking.register_model(uri, run_id, "tiny-llm", broken, {})
     stop, results = threading.Event(), []
-
-    def steady() -> None:
-        body = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6}
-        while not stop.is_set():
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
-            results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
-            stop.wait(0.3)
-
-    client = threading.Thread(target=steady)
-    client.start()
+    client = _steady_client(url, stop, results)
     try:
         set_champion(uri, "tiny-llm", version)
         deadline = time.time() + 120
@@ -664,15 +671,7 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
         # 5. Redeploy an earlier version: the alias moves back, the server follows while a
         # client keeps sending requests (only here: a client kept busy through the retrain
         # kept the engine spinning a core and doubled the retrain's time): every one answered.
-        def steady() -> None:
-            body = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 6}
-            while not stop.is_set():
-                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
-                results.append((r.status_code, r.headers.get("x-lifecycle-model-version", "")))
-                stop.wait(0.5)
-
-        client = threading.Thread(target=steady)
-        client.start()
+        client = _steady_client(url, stop, results)
         out = _run_deployment(env, "lifecycle/redeploy", {"version": int(champ0)})
         assert "Completed" in out, out[-3000:]
         assert champion() == champ0 and _served(url) == f"tiny-llm/{champ0}"
