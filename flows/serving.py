@@ -49,7 +49,7 @@ def _spec(model: str, uri: str, ws: Path, scfg: ServeConfig, model_id: str) -> A
     d, label, tags = resolve_model(model, uri, ws)
     wm = watermark_settings(tags) if scfg.watermark else None
     kf = key_file_for(ws, tags.get("lifecycle.watermark.key_id")) if wm else None
-    return make_spec(d, with_adapters(scfg, uri, ws), model_id, label, wm, kf)
+    return make_spec(d, scfg, model_id, label, wm, kf)
 
 
 def serve_forever(
@@ -69,6 +69,7 @@ def serve_forever(
     name = cfg.tracking.registered_model
     model = model or f"models:/{name}@champion"
     model_id = scfg.model_id or name
+    scfg = with_adapters(scfg, uri, ws)  # once: the registry poll below follows the model only
     spec = _spec(model, uri, ws, scfg, model_id)  # bad input fails before Ray starts
     state_path = ws / STATE_FILE
     state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -338,38 +338,33 @@ def model_version_of(tracking_uri: str, model_uri: str) -> Any:
     raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
 
 
+def _download(tracking_uri: str, artifact_uri: str, dest: Path) -> Path:
+    """Downloads an artifact directory into `dest` through `<dest>.partial` and one rename: a
+    download cut short never leaves a `dest` that looks complete."""
+    import mlflow.artifacts
+
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mlflow.artifacts.download_artifacts(
+        artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=tracking_uri
+    )
+    inner = next(tmp.iterdir()) if len(list(tmp.iterdir())) == 1 else tmp
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    inner.rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
     """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once)."""
     mv = model_version_of(tracking_uri, model_uri)
     dest = Path(dest)
     if not (dest / "config.json").is_file() and not (dest / "adapter_config.json").is_file():
-        import mlflow.artifacts
-
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri
-        )
-        inner = next(tmp.iterdir()) if len(list(tmp.iterdir())) == 1 else tmp
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        inner.rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _download(tracking_uri, mv.source, dest)
     return dest
 
 
 def fetch_run_artifacts(tracking_uri: str, artifact_uri: str, dest: str | Path) -> Path:
     """Downloads `runs:/RUN_ID/PATH` (a run's artifact directory) into `dest` (once)."""
     dest = Path(dest)
-    if not dest.is_dir():
-        import mlflow.artifacts
-
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=tracking_uri
-        )
-        inner = next(tmp.iterdir()) if len(list(tmp.iterdir())) == 1 else tmp
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        inner.rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return dest if dest.is_dir() else _download(tracking_uri, artifact_uri, dest)

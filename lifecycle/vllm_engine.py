@@ -12,8 +12,8 @@ tasks at once:
   default to `nobind` (the OS places the threads); a user's own setting wins.
 - An offline engine on CPU runs in its own process (engine core in-process, uni-process
   executor) instead of spawning an engine-core and a worker process that each import torch and
-  vLLM again: measured on the tiny chain model, 2 cores, 30.5 s -> 12.4 s from import to the
-  first generation and shutdown (docs/benchmarks.md). On GPU vLLM's defaults stay: the
+  vLLM again: bench/engine_start.py, 2 cores, 31.0 s -> 13.0 s per engine from process start
+  to exit, identical greedy outputs (docs/benchmarks.md). On GPU vLLM's defaults stay: the
   separate engine core overlaps scheduling with the GPU's work. Serving keeps vLLM's
   multiprocess engine everywhere (its async client needs it).
 

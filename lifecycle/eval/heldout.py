@@ -82,10 +82,10 @@ def evaluate_vllm(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    rows = [ids for rows in score_sets.values() for ids, _ in rows]
-    longest = max(len(r) for r in [*prompt_ids, *rows])
     from lifecycle.vllm_engine import offline_llm
 
+    rows = [ids for rows in score_sets.values() for ids, _ in rows]
+    longest = max(len(r) for r in [*prompt_ids, *rows])
     llm = offline_llm(
         model_dir,
         kv_cache_gb=kv_cache_gb,

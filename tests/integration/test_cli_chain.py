@@ -228,9 +228,8 @@ def test_worse_candidate_is_not_promoted_then_run_serve_serves_the_champion(whol
     server the run started is left behind. A champion whose weights are truncated does not
     take the endpoint down: the server keeps serving the old version under a steady client and
     reports the failure in `serve status` and its log. `lifecycle rollback` walks the alias
-    back. (The
-    server following the alias through promotions and rollbacks under a steady client is in
-    test_retrain_and_redeploy_as_prefect_deployments.)"""
+    back. (The server following the alias through promotions and rollbacks under a steady
+    client is in test_retrain_and_redeploy_as_prefect_deployments.)"""
     ws, summary = whole_chain
     stages = {s["stage"]: s for s in summary["stages"]}
     uri = summary["mlflow"]["tracking_uri"]
@@ -341,6 +340,7 @@ def _broken_champion_keeps_the_old_one_serving(ws: Path, uri: str, url: str, log
     exp = c.get_experiment_by_name("llm-lifecycle").experiment_id
     run_id = c.create_run(exp, run_name="broken-upload").info.run_id
     version = tracking.register_model(uri, run_id, "tiny-llm", broken, {})
+    c.set_terminated(run_id)
     stop, results = threading.Event(), []
     client = _steady_client(url, stop, results)
     try:
