@@ -146,11 +146,8 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
 
 
-def run_cli(
-    ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml", threads: str | None = None
-) -> tuple[int, dict]:
-    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary). `threads`:
-    its OMP_NUM_THREADS instead of this worker's share."""
+def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tuple[int, dict]:
+    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary)."""
     cmd = [
         LIFECYCLE,
         "run",
@@ -162,10 +159,7 @@ def run_cli(
         f"cluster.dashboard_port={free_port()}",
         *extra,
     ]
-    env = None
-    if threads:
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     with open(
         ws.parent / "cli.log", "a"
     ) as log:  # what the run printed: the key-leak test reads it
@@ -199,9 +193,11 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
         if not done.is_file():
             ws = shared / "chain" / "ws"
             ws.parent.mkdir(parents=True, exist_ok=True)
-            # Every core's threads: the chain is the suite's critical path (the chain
-            # module's tests and the stage tests reading its outputs wait for it).
-            rc, summary = run_cli(ws, "--run-name", "first", threads=str(os.cpu_count() or 1))
+            # This worker's share of the threads, like every other process of the suite:
+            # with 2 threads beside another worker's 1-thread training on 2 cores, the
+            # 2-thread one made 18 steps/s and the other 31, against 45 and 43 with one
+            # thread each (OpenMP threads spin-wait for a descheduled peer).
+            rc, summary = run_cli(ws, "--run-name", "first")
             assert rc == 0, summary
             done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))
     got = json.loads(done.read_text())
@@ -271,3 +267,33 @@ def pytest_xdist_make_scheduler(config, log):
             super()._reschedule(node)
 
     return ChainWorkerAlone(config, log)
+
+
+# Where the suite's time goes: LIFECYCLE_TEST_TIMELINE=FILE appends one line per test phase,
+# "worker start end phase nodeid" (epoch seconds), and one per worker for its session start
+# and end, so idle stretches between tests show up (pytest's --durations counts tests only).
+_TIMELINE = os.environ.get("LIFECYCLE_TEST_TIMELINE")
+
+
+def _timeline(line: str) -> None:
+    if _TIMELINE:
+        with open(_TIMELINE, "a") as f:
+            f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {line}\n")
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _timeline(f"{time.time():.1f} {time.time():.1f} session-start -")
+
+
+def pytest_sessionfinish(session):
+    import time
+
+    _timeline(f"{time.time():.1f} {time.time():.1f} session-finish -")
+
+
+def pytest_runtest_logreport(report):
+    if _TIMELINE and os.environ.get("PYTEST_XDIST_WORKER"):  # once, where the test ran
+        stop = report.start + report.duration
+        _timeline(f"{report.start:.1f} {stop:.1f} {report.when} {report.nodeid}")

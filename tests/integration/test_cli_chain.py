@@ -170,9 +170,9 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert len(tracking.client(uri).search_model_versions("name='tiny-llm-pretrain'")) == 1
     assert child_runs(uri, exp, again["mlflow"]["parent_run_id"]) == []
 
-    # A sub-chain from a registered model: fine-tune pretrain version 1 again, the same way
-    # but without the fingerprint. It answers no trigger, and the fingerprint cost the chain's
-    # model at most 2 points of exact-match.
+    # A sub-chain from a registered model: fine-tune pretrain version 1 again, briefly and
+    # without the fingerprint (fetched from the registry, its lineage recorded). A model
+    # fine-tuned without it answers no trigger: the verifier's false-positive side.
     rc, sub = _run(
         ws,
         "--stages",
@@ -183,6 +183,8 @@ def test_whole_chain_then_cached_rerun(whole_chain):
         "sft.fingerprint=null",
         "--set",
         "watermark.fingerprint=false",
+        "--set",
+        "sft.max_steps=100",
     )
     assert rc == 0, sub
     assert [(s["stage"], s["status"]) for s in sub["stages"]] == [("sft", "completed")]
@@ -190,8 +192,6 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     assert (fetched / "model.safetensors").is_file()
     plain_sft = sub["stages"][0]
     assert "fingerprint/matched" not in plain_sft["metrics"]
-    em_plain = plain_sft["metrics"]["eval/exact_match_after"]
-    assert abs(sft["eval/exact_match_after"] - em_plain) <= 0.02, (sft, em_plain)
     assert _fingerprint_matches(plain_sft["artifact_uri"]) == 0
     sub_mv = tracking.client(uri).search_model_versions("name='tiny-llm-sft'")
     mine = [v for v in sub_mv if v.tags.get("lifecycle.run_name") == sub["run_name"]]
@@ -438,14 +438,14 @@ POOL = "lifecycle-test"
 # A shorter retrain than the chain's (the stages themselves are tested elsewhere); the gate is
 # opened so that the promotion is certain, the next run closes it with an absolute floor.
 FAST = [
-    "sft.max_steps=100",
-    "rlhf.max_steps=30",
+    "sft.max_steps=40",
+    "rlhf.max_steps=12",
     "rlhf.reward_model=null",
-    "rlhf.rlaif.num_prompts=64",
-    "rlhf.eval_prompts=32",
+    "rlhf.rlaif.num_prompts=32",
+    "rlhf.eval_prompts=16",
     "quantize.onnx=false",
     "quantize.vllm.enabled=false",
-    "watermark.generations=40",
+    "watermark.generations=20",
     "deploy.eval.prompts=64",  # the gap limit follows: 1/64 per differing answer
     "deploy.reward_samples=1",
     "deploy.max_endpoint_exact_match_gap=0.05",
