@@ -140,3 +140,58 @@ def test_weights_that_are_not_whole_are_found_from_the_headers(dirs, tmp_path):
     w.unlink()
     with pytest.raises(ModelDirError, match=r"no \*\.safetensors"):
         check_weights(cut)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_lora_sft_on_each_architecture(dirs, model_type, tmp_path):
+    """The SFT stage's default method on each architecture's own layout (fused qkv and
+    gate/up in Phi-3, q/k norms, biases, MoE experts): LoRA on all linear layers learns its
+    chat-rendered rows while every base weight stays put, and the merged model it writes
+    answers like the adapter on its base."""
+    from lifecycle.config import SFTConfig
+    from lifecycle.data.demo import instruction_examples
+    from lifecycle.data.instruct import build_rows
+    from lifecycle.peft_methods import apply_method, load_finetuned, save_outputs
+    from lifecycle.training import make_optimizer
+
+    d = dirs[model_type]
+    tok = chat_tokenizer(d)
+    msgs = [ex["messages"] for ex in instruction_examples(16, 0, ["copy", "upper"])]
+    ids, labels, _ = build_rows(msgs, tok, 48, packing=False)
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    mask = padding_mask(ids, tok.pad_token_id)
+    cfg = SFTConfig(method="lora", max_steps=4, warmup_steps=0, lr=1e-2)
+    model = apply_method(load_model(d), cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, cfg)
+    losses = []
+    for _ in range(cfg.max_steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    # every linear layer of every block is adapted (fused qkv / gate_up too, and the MoE
+    # router); PEFT adapts a MoE's expert tensors as well (mixtral: `mlp.experts`)
+    linear = {
+        n
+        for n, m in load_model(d).named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n
+    }
+    adapted = {
+        n.split(".lora_")[0].removeprefix("base_model.model.").replace(".base_layer", "")
+        for n in changed
+    }
+    assert linear and linear <= adapted, sorted(linear - adapted)
+    if model_type == "mixtral":
+        assert any(n.endswith("mlp.experts") for n in adapted)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids[:4], attention_mask=mask[:4]).logits
+    written = save_outputs(model, tok, tmp_path, cfg)
+    with torch.no_grad():
+        got = load_finetuned(written["model"])(input_ids=ids[:4], attention_mask=mask[:4]).logits
+    assert torch.allclose(want, got, atol=1e-4)
