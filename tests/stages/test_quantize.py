@@ -167,10 +167,11 @@ def test_distilled_student_keeps_the_teachers_skill(ray_session, whole_chain, ma
 def test_vllm_serves_other_architectures_compressed(ray_session, tmp_path):
     """Beyond the chain's own Llama: a grouped-query Qwen2 with q/k/v biases in W4A16 (GPTQ)
     and a Gemma 2 (tied embeddings, (1 + w) pre/post norms, GQA) in W8A8 (SmoothQuant folded
-    into its norms + GPTQ), both compressed from tiny random models, loaded and run by vLLM in
-    one worker: it generates, and its perplexity of held-out continuations matches
-    transformers' reading of the same checkpoint (W8A8's activations are quantized per token
-    by vLLM and simulated by transformers)."""
+    into its norms + GPTQ), both compressed from tiny random models, and a Mixtral MoE as it
+    is (its experts are not quantized: lifecycle/archs.py), loaded and run by vLLM in one
+    worker: it generates, and its perplexity of held-out continuations matches transformers'
+    reading of the same checkpoint (W8A8's activations are quantized per token by vLLM and
+    simulated by transformers)."""
     from transformers import AutoTokenizer
 
     from lifecycle import tiny
@@ -194,16 +195,17 @@ def test_vllm_serves_other_architectures_compressed(ray_session, tmp_path):
         out = tmp_path / f"{model_type}-{method}"
         save_compressed(model, AutoTokenizer.from_pretrained(src), res["scales"], cfg, out)
         dirs.append(str(out))
+    dirs.append(str(tiny.build("mixtral", tmp_path / "mixtral")))
 
-    def vllm_on_both(dirs: list[str], prompt_ids: list, sets: dict) -> list[dict]:
+    def vllm_on_each(dirs: list[str], prompt_ids: list, sets: dict) -> list[dict]:
         # A local function: Ray ships it by value (test modules do not import on workers).
         from lifecycle.eval.heldout import evaluate_vllm
 
         answers = ["-"] * len(prompt_ids)
         return [evaluate_vllm(d, prompt_ids, answers, sets, max_new_tokens=8) for d in dirs]
 
-    # One fresh worker for both engines, one after the other.
-    task = as_task(vllm_on_both, ScalingConfig(resources_per_worker={"CPU": 2}), max_calls=1)
+    # One fresh worker for the engines, one after the other.
+    task = as_task(vllm_on_each, ScalingConfig(resources_per_worker={"CPU": 2}), max_calls=1)
     served = ray.get(task.remote(dirs, prompt_ids, sets))
     for d, v in zip(dirs, served, strict=True):
         t = evaluate_torch(d, prompt_ids, ["-"] * len(prompt_ids), sets, max_new_tokens=8)
