@@ -35,6 +35,7 @@ from lifecycle.artifacts import (
     cache_key,
     cache_lookup,
     cache_store,
+    check_run_name,
     code_version,
     paths_fingerprint,
 )
@@ -293,7 +294,7 @@ def lifecycle_flow(
     cfg = validate_config(config)
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
-    run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = check_run_name(run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     requested = list(stages or STAGES)
     unknown = sorted(set(requested) - set(STAGES))
     if unknown:

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lifecycle.artifacts import check_run_name
 from lifecycle.config import ConfigError, PipelineConfig, find_config, load_config
 from lifecycle.stages import STAGES
 
@@ -191,6 +192,13 @@ def run(
 ) -> None:
     """Runs the chain (or --stages of it) and prints a summary table."""
     asked: dict[str, Any] = {}
+    for name in (run_name, resume):  # each names a directory under <workspace>/runs/
+        if name is not None:
+            try:
+                check_run_name(name)
+            except ValueError as e:
+                _error(f"{e} in {Path(workspace).resolve()}")
+                raise typer.Exit(2) from None
     if resume is not None:
         saved = Path(workspace).resolve() / "runs" / resume / "config.yaml"
         if not saved.is_file():
@@ -289,10 +297,15 @@ def _key(key_file: str | None) -> bytes:
 def _model_dir(model: str, workspace: str) -> str:
     if model.startswith("models:/"):
         from lifecycle import tracking
+        from lifecycle.registry import fetch_version
 
         ws = Path(workspace).resolve()
-        dest = ws / "external" / model.removeprefix("models:/")
-        return str(tracking.fetch_model(tracking.default_tracking_uri(ws), model, dest))
+        try:  # into <ws>/external/NAME/VERSION, as `--from STAGE=models:/...` fetches
+            _, d = fetch_version(tracking.default_tracking_uri(ws), model, ws / "external")
+        except ValueError as e:
+            _error(f"{e} (the registry of workspace {ws})")
+            raise typer.Exit(2) from None
+        return str(d)
     if not (Path(model) / "config.json").is_file():
         _error(f"{model} is not a model directory (no config.json)")
         raise typer.Exit(2)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -98,6 +99,20 @@ class RunContext:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can name `<workspace>/runs/<name>/` and nothing outside it: letters,
+    digits, `.`, `_`, `-` (first a letter or digit, at most 128, no `..`); else ValueError."""
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"run name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter "
+            "or digit, at most 128 characters, no '..'): it names a directory under runs/"
+        )
+    return name
 
 
 def code_version() -> str:

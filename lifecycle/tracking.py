@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -325,17 +326,22 @@ def model_version_of(tracking_uri: str, model_uri: str) -> Any:
     """The ModelVersion that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names."""
     from mlflow.exceptions import MlflowException
 
-    name, _, ref = model_uri.removeprefix("models:/").partition("/")
+    m = _MODEL_URI.fullmatch(model_uri)
+    if m is None:
+        raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, version, alias = m.groups()
     c = client(tracking_uri)
     try:
-        if "@" in name:
-            name, alias = name.split("@", 1)
+        if alias is not None:
             return c.get_model_version_by_alias(name, alias)
-        if ref:
-            return c.get_model_version(name, ref)
+        return c.get_model_version(name, version)
     except MlflowException as e:
         raise ValueError(f"{model_uri}: not in the registry at {tracking_uri} ({e})") from None
-    raise ValueError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+
+
+# A registered name (it becomes a directory name: no '/', no '..'), then a version number or
+# an alias; nothing after it.
+_MODEL_URI = re.compile(r"models:/((?!\.\.?(?:[/@]|$))[^/@\s]+)(?:/(\d+)|@([A-Za-z0-9_-]+))")
 
 
 def _download(tracking_uri: str, artifact_uri: str, dest: Path) -> Path:

@@ -1,3 +1,5 @@
+import pytest
+
 from lifecycle.artifacts import (
     StageResult,
     cache_key,
@@ -121,3 +123,20 @@ def test_run_trainer_returns_a_committed_final_without_training(tmp_path):
     metrics, path = run_trainer(loop, {}, PretrainConfig(), name="run", storage_path=str(tmp_path))
     assert metrics == {"m": 1.0} and path == final
     assert latest_checkpoint(tmp_path / "run") is None  # final is not a resume point
+
+
+def test_run_names_and_registry_uris_that_would_leave_the_workspace_are_refused(tmp_path):
+    from lifecycle import tracking
+    from lifecycle.artifacts import check_run_name
+
+    for ok in ("first", "tiny-20261206-193530", "a.b_c-1"):
+        assert check_run_name(ok) == ok
+    for bad in ("../x", "/x", "a/b", "..", "a..b", ".hidden", "", "x" * 129, "a b"):
+        with pytest.raises(ValueError, match="names a directory under runs/"):
+            check_run_name(bad)
+    uri = tracking.default_tracking_uri(tmp_path)
+    for bad in ("models:/N@a/../../x", "models:/../x/1", "models:/x/1/", "models:/x", "runs:/x"):
+        with pytest.raises(ValueError, match="expected models:/NAME/VERSION or models:/NAME@"):
+            tracking.model_version_of(uri, bad)
+    with pytest.raises(ValueError, match="not in the registry"):
+        tracking.model_version_of(uri, "models:/nothing/1")

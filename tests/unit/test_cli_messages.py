@@ -51,6 +51,13 @@ def test_error_paths_print_each_message_on_one_line(long_dir):
         ),
         (("serve", "--model", str(long_dir), "--workspace", ws), 2, ("not a model directory",)),
         (("run", "--resume", "gone", "--workspace", ws), 2, ("no run 'gone' in", "config.yaml)")),
+        (("run", "--run-name", "../x", "--workspace", ws), 2, ("run name '../x':", "under runs/")),
+        (("run", "--resume", "/etc", "--workspace", ws), 2, ("run name '/etc':", "under runs/")),
+        (
+            ("fingerprint", "verify", "--model", "models:/N@a/../../x", "--workspace", ws),
+            2,
+            ("models:/N@a/../../x: expected models:/NAME/VERSION",),
+        ),
         (
             ("fingerprint", "verify", "--model", f"{long_dir}/nomodel"),
             2,
