@@ -38,6 +38,7 @@ from lifecycle.artifacts import (
     check_run_name,
     code_version,
     paths_fingerprint,
+    write_atomic,
 )
 from lifecycle.config import PipelineConfig, config_hash, validate_config
 from lifecycle.registry import fetch_version
@@ -304,11 +305,20 @@ def lifecycle_flow(
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, ws / "mlartifacts")
     code = code_version()
+    orphans = tracking.end_orphaned_runs(uri, exp_id)
+    if orphans:
+        get_run_logger().warning(
+            "marked %d MLflow run(s) KILLED: their `lifecycle run` process on this host is "
+            "gone (%s)",
+            len(orphans),
+            ", ".join(orphans),
+        )
     parent = tracking.start_run(
         uri,
         exp_id,
         run_name,
         tags={
+            tracking.OWNER_TAG: tracking.owner_tag(),
             "lifecycle.run_name": run_name,
             "lifecycle.code_version": code,
             "lifecycle.config_hash": config_hash(cfg),
@@ -321,9 +331,9 @@ def lifecycle_flow(
     run_dir = ws / "runs" / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     # What `lifecycle run --resume` reruns: the config, and the stages and sources asked for.
-    (run_dir / "config.yaml").write_text(config_yaml)
+    write_atomic(run_dir / "config.yaml", config_yaml)
     request = {"stages": stages, "sources": sources}
-    (run_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2))
+    write_atomic(run_dir / REQUEST_FILE, json.dumps(request, indent=2))
     ctx = RunContext(
         run_name=run_name,
         workspace=str(ws),
@@ -384,7 +394,7 @@ def lifecycle_flow(
     }
     out = ws / "runs" / run_name / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
+    write_atomic(out, json.dumps(summary, indent=2))
     tracking.log_artifact(uri, parent, out)
     tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     if not ok:

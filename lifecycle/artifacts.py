@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,11 +160,16 @@ def _cache_file(workspace: str | Path, stage: str, key: str) -> Path:
 
 
 def cache_lookup(workspace: str | Path, stage: str, key: str) -> StageResult | None:
-    """The cached result for `key`, or None when absent or when its artifact has gone."""
+    """The cached result for `key`, or None when absent, unreadable (a warning names the
+    file; the stage then runs again and rewrites it) or when its artifact has gone."""
     f = _cache_file(workspace, stage, key)
     if not f.is_file():
         return None
-    result = StageResult.from_json(f.read_text())
+    try:
+        result = StageResult.from_json(f.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        warnings.warn(f"{f}: unreadable cache entry, treated as a miss ({e!r})", stacklevel=2)
+        return None
     if result.artifact_uri and not Path(result.artifact_uri).exists():
         return None
     return result.with_status("cached")
@@ -171,11 +177,21 @@ def cache_lookup(workspace: str | Path, stage: str, key: str) -> StageResult | N
 
 def cache_store(workspace: str | Path, stage: str, key: str, result: StageResult) -> None:
     """Atomically records a completed result (write to a temp file, then rename)."""
-    f = _cache_file(workspace, stage, key)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(f".tmp.{os.getpid()}")
-    tmp.write_text(result.to_json())
-    tmp.replace(f)
+    write_atomic(_cache_file(workspace, stage, key), result.to_json())
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Writes `text` to `path` through a temp file beside it, flushed to disk, and one
+    rename: a reader (or a run killed mid-write) sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -67,6 +69,49 @@ def start_run(
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
+
+
+OWNER_TAG = "lifecycle.owner"  # host:pid:start-ticks of the `lifecycle run` process
+
+
+def owner_tag() -> str:
+    """This process as `host:pid:start` (its start time in clock ticks since boot, so that a
+    reused pid does not pass for the process that started a run)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2 :].split()[19]
+
+
+def _owner_gone(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's run: not ours to judge
+    return _start_ticks(int(pid)) != start  # gone, or the pid now belongs to another process
+
+
+def end_orphaned_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Marks KILLED the RUNNING runs whose `lifecycle run` process on this host has died (a
+    SIGKILL, a lost machine's reboot) and their RUNNING stage runs; returns their run ids.
+    Runs of live processes, and of other hosts, are left alone."""
+    c = client(tracking_uri)
+    running = c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    dead = {
+        r.info.run_id
+        for r in running
+        if OWNER_TAG in r.data.tags and _owner_gone(r.data.tags[OWNER_TAG])
+    }
+    ended = [r.info.run_id for r in running if r.info.run_id in dead]
+    ended += [r.info.run_id for r in running if r.data.tags.get(PARENT_TAG) in dead]
+    for run_id in ended:
+        c.set_terminated(run_id, status="KILLED")
+    return ended
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:

@@ -89,6 +89,19 @@ def test_a_model_dir_fine_tuned_killed_during_rlhf_resumes_from_its_checkpoint(t
     assert rl["status"] == "completed" and rl["metrics"]["dpo/steps"] == 60
     assert rl["metrics"]["dpo/resumed_from_step"] >= 20, rl["metrics"]
     assert Path(rl["artifact_uri"], "model.safetensors").is_file()
+    # The killed attempt's MLflow runs did not stay RUNNING: the resume marked its parent
+    # run and its interrupted DPO stage run KILLED (their process was gone).
+    from lifecycle import tracking
+
+    uri, exp = resumed["mlflow"]["tracking_uri"], resumed["mlflow"]["experiment_id"]
+    runs = tracking.client(uri).search_runs(
+        [exp], filter_string="tags.`lifecycle.run_name` = 'killed'"
+    )
+    killed = {
+        r.data.tags.get(tracking.STAGE_TAG, "parent") for r in runs if r.info.status == "KILLED"
+    }
+    assert killed == {"parent", "rlhf"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
 
     # The rest of the chain on the fine-tuned Qwen2, the stages a model dir changes: W8A8
     # (GQA-aware folds, biases) served by vLLM in the gate, the watermark through vLLM, and

@@ -140,3 +140,46 @@ def test_run_names_and_registry_uris_that_would_leave_the_workspace_are_refused(
             tracking.model_version_of(uri, bad)
     with pytest.raises(ValueError, match="not in the registry"):
         tracking.model_version_of(uri, "models:/nothing/1")
+
+
+def test_a_corrupt_cache_entry_is_a_miss_with_a_warning(tmp_path):
+    from lifecycle.artifacts import _cache_file
+
+    r = StageResult("data", "completed", artifact_uri=str(tmp_path), artifact_id="x")
+    cache_store(tmp_path, "data", "k", r)
+    assert cache_lookup(tmp_path, "data", "k") == r.with_status("cached")
+    f = _cache_file(tmp_path, "data", "k")
+    assert [p.name for p in f.parent.iterdir()] == ["k.json"]  # no temp file left behind
+    f.write_text('{"stage": "data", "status": "comp')  # cut short
+    with pytest.warns(UserWarning, match="unreadable cache entry, treated as a miss"):
+        assert cache_lookup(tmp_path, "data", "k") is None
+    cache_store(tmp_path, "data", "k", r)  # the rerun's result replaces it
+    assert cache_lookup(tmp_path, "data", "k") == r.with_status("cached")
+
+
+def test_runs_of_a_dead_lifecycle_process_are_marked_killed(tmp_path):
+    import subprocess
+    import sys
+
+    from lifecycle import tracking
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "t", tmp_path / "art")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_owner = f"{tracking.owner_tag().split(':')[0]}:{gone.stdout.strip()}:1"
+    dead = tracking.start_run(uri, exp, "dead", tags={tracking.OWNER_TAG: dead_owner})
+    dead_stage = tracking.start_run(uri, exp, "dead/sft", parent_run_id=dead)
+    alive = tracking.start_run(uri, exp, "alive", tags={tracking.OWNER_TAG: tracking.owner_tag()})
+    other_host = tracking.start_run(uri, exp, "x", tags={tracking.OWNER_TAG: "elsewhere:1:1"})
+    untagged = tracking.start_run(uri, exp, "old")
+    assert sorted(tracking.end_orphaned_runs(uri, exp)) == sorted([dead, dead_stage])
+    status = {r: tracking.get_run(uri, r).info.status for r in (dead, dead_stage, alive)}
+    assert status == {dead: "KILLED", dead_stage: "KILLED", alive: "RUNNING"}
+    for r in (other_host, untagged):
+        assert tracking.get_run(uri, r).info.status == "RUNNING"
+    assert tracking.end_orphaned_runs(uri, exp) == []
