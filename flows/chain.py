@@ -38,6 +38,7 @@ from lifecycle.artifacts import (
     check_run_name,
     code_version,
     paths_fingerprint,
+    workspace_lock,
     write_atomic,
 )
 from lifecycle.config import PipelineConfig, config_hash, validate_config
@@ -290,7 +291,8 @@ def lifecycle_flow(
     force: bool = False,
     sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Runs the chain described by `config` (a raw config dict, validated here)."""
+    """Runs the chain described by `config` (a raw config dict, validated here), as the one
+    writer of its workspace (a second run there stops at once, naming this one)."""
     t_start = time.time()
     cfg = validate_config(config)
     ws = Path(workspace).resolve()
@@ -300,7 +302,20 @@ def lifecycle_flow(
     unknown = sorted(set(requested) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}")
-    sources = dict(sources or {})
+    with workspace_lock(ws, f"lifecycle run {run_name}"):
+        return _run_chain(cfg, ws, run_name, requested, stages, force, dict(sources or {}), t_start)
+
+
+def _run_chain(
+    cfg: PipelineConfig,
+    ws: Path,
+    run_name: str,
+    requested: list[str],
+    stages: list[str] | None,
+    force: bool,
+    sources: dict[str, str],
+    t_start: float,
+) -> dict[str, Any]:
 
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, ws / "mlartifacts")

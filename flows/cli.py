@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lifecycle.artifacts import check_run_name
+from lifecycle.artifacts import WorkspaceBusy, check_run_name, check_workspace_free
 from lifecycle.config import ConfigError, PipelineConfig, find_config, load_config
 from lifecycle.stages import STAGES
 
@@ -215,6 +215,12 @@ def run(
         cfg = _adopt_model_source(cfg, sources)
     except ConfigError as e:
         _fail_config(e)
+
+    try:  # before Prefect and Ray start: another process writing this workspace stops us
+        check_workspace_free(Path(workspace).resolve())
+    except WorkspaceBusy as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
 
     # Prefect's telemetry heartbeat contends for the ephemeral server's SQLite ("database is
     # locked" errors in the log); a local tool has no use for it.

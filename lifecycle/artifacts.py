@@ -116,6 +116,68 @@ def check_run_name(name: str) -> str:
     return name
 
 
+class WorkspaceBusy(ValueError):
+    """Another process writes this workspace now."""
+
+
+@contextmanager
+def workspace_lock(workspace: str | Path, what: str) -> Iterator[None]:
+    """Holds `<workspace>/.lock` (an OS file lock: it ends with its process, SIGKILL included)
+    while `what` writes the workspace; raises WorkspaceBusy naming the holder when another
+    process holds it. The holder's description is in `.lock.json`."""
+    from filelock import FileLock, Timeout
+
+    ws = Path(workspace)
+    ws.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ws / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise WorkspaceBusy(_busy_message(ws)) from None
+    try:
+        import socket
+        import time
+
+        info = {
+            "what": what,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_atomic(ws / ".lock.json", json.dumps(info))
+        yield
+    finally:
+        lock.release()
+
+
+def check_workspace_free(workspace: str | Path) -> None:
+    """WorkspaceBusy (naming the holder) if another process writes `workspace` now: what the
+    CLI checks before it starts anything."""
+    from filelock import FileLock, Timeout
+
+    ws = Path(workspace)
+    if not (ws / ".lock").is_file():
+        return
+    lock = FileLock(str(ws / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise WorkspaceBusy(_busy_message(ws)) from None
+    lock.release()
+
+
+def _busy_message(ws: Path) -> str:
+    try:
+        holder = json.loads((ws / ".lock.json").read_text())
+        who = f"{holder['what']} (pid {holder['pid']} on {holder['host']}, since {holder['since']})"
+    except (OSError, ValueError, KeyError):
+        who = "another process"
+    return (
+        f"workspace {ws} is in use by {who}: one run writes a workspace at a time; wait for "
+        "it, or give this run its own --workspace"
+    )
+
+
 def code_version() -> str:
     """Git sha (with `-dirty`) when available, plus a hash of the project's Python sources.
 

@@ -234,8 +234,10 @@ def register_candidate(
     if source_ref.startswith("external:"):
         return tracking.register_model(tracking_uri, run_id, name, shipped.artifact_uri, tags)
     src_name, src_version = source_ref.rsplit("/", 1)
-    source = tracking.model_version(tracking_uri, src_name, src_version).source
-    return tracking.create_version(tracking_uri, name, source, run_id, tags)
+    src = tracking.model_version(tracking_uri, src_name, src_version)
+    if tracking.DIGEST_TAG in src.tags:  # the same files: the same digest
+        tags = {**tags, tracking.DIGEST_TAG: src.tags[tracking.DIGEST_TAG]}
+    return tracking.create_version(tracking_uri, name, src.source, run_id, tags)
 
 
 def champion_version(tracking_uri: str, name: str) -> Any | None:

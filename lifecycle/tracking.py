@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+DIGEST_TAG = "lifecycle.files_digest"  # a registered version's dir_manifest digest
 STAGE_TAG = "lifecycle.stage"
 
 
@@ -214,6 +216,7 @@ def register_model(
     with contextlib.suppress(MlflowException):  # already exists
         c.create_registered_model(name)
     source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    tags = {**tags, DIGEST_TAG: dir_manifest(model_dir)["digest"]}
     mv = c.create_model_version(
         name,
         source,
@@ -241,6 +244,8 @@ def create_version(
     c = client(tracking_uri)
     with contextlib.suppress(MlflowException):  # already exists
         c.create_registered_model(name)
+    if Path(source).is_dir():
+        tags = {**tags, DIGEST_TAG: dir_manifest(source)["digest"]}
     mv = c.create_model_version(
         name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
     )
@@ -407,15 +412,46 @@ def _download(tracking_uri: str, artifact_uri: str, dest: Path) -> Path:
 
 
 def fetch_model(tracking_uri: str, model_uri: str, dest: str | Path) -> Path:
-    """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once)."""
+    """Downloads `models:/NAME/VERSION` or `models:/NAME@ALIAS` into `dest` (once; one
+    process at a time per `dest`). A version registered with a files digest is checked
+    against it: a copy already there that differs (cut short, edited) is fetched again, a
+    download that differs is an error."""
+    from filelock import FileLock
+
     mv = model_version_of(tracking_uri, model_uri)
     dest = Path(dest)
-    if not (dest / "config.json").is_file() and not (dest / "adapter_config.json").is_file():
-        _download(tracking_uri, mv.source, dest)
+    want = mv.tags.get(DIGEST_TAG)
+    seal = dest.with_name(f".{dest.name}.digest")  # beside the dir: not one of its files
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.with_name(f".{dest.name}.lock"))):
+        present = (dest / "config.json").is_file() or (dest / "adapter_config.json").is_file()
+        sealed = seal.is_file() and seal.read_text() == want
+        if present and want and not sealed and dir_manifest(dest)["digest"] != want:
+            warnings.warn(
+                f"{dest} differs from {model_uri}'s registered files; fetching it again",
+                stacklevel=2,
+            )
+            shutil.rmtree(dest)
+            present = False
+        if not present:
+            _download(tracking_uri, mv.source, dest)
+            if want and dir_manifest(dest)["digest"] != want:
+                shutil.rmtree(dest)
+                raise ValueError(
+                    f"{model_uri}: the files fetched from {mv.source} do not match the digest "
+                    "registered with the version (changed or damaged at the source)"
+                )
+        if want:
+            seal.write_text(want)
     return dest
 
 
 def fetch_run_artifacts(tracking_uri: str, artifact_uri: str, dest: str | Path) -> Path:
-    """Downloads `runs:/RUN_ID/PATH` (a run's artifact directory) into `dest` (once)."""
+    """Downloads `runs:/RUN_ID/PATH` (a run's artifact directory) into `dest` (once; one
+    process at a time per `dest`)."""
+    from filelock import FileLock
+
     dest = Path(dest)
-    return dest if dest.is_dir() else _download(tracking_uri, artifact_uri, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.with_name(f".{dest.name}.lock"))):
+        return dest if dest.is_dir() else _download(tracking_uri, artifact_uri, dest)

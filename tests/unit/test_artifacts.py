@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lifecycle.artifacts import (
@@ -183,3 +185,87 @@ def test_runs_of_a_dead_lifecycle_process_are_marked_killed(tmp_path):
     for r in (other_host, untagged):
         assert tracking.get_run(uri, r).info.status == "RUNNING"
     assert tracking.end_orphaned_runs(uri, exp) == []
+
+
+def test_one_writer_per_workspace(tmp_path):
+    """A second `lifecycle run` on a workspace that another process writes stops at once with
+    a message naming the holder; the lock ends with its holder, SIGKILL included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lifecycle.artifacts import WorkspaceBusy, workspace_lock
+    from tests.conftest import LIFECYCLE, ROOT
+
+    ws = tmp_path / "ws"
+    hold = (
+        "import sys, time\nfrom lifecycle.artifacts import workspace_lock\n"
+        "with workspace_lock(sys.argv[1], 'lifecycle run first'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(ws)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                WorkspaceBusy, match=rf"in use by lifecycle run first \(pid {holder.pid} "
+            ),
+            workspace_lock(ws, "second"),
+        ):
+            pass
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        p = subprocess.run(
+            [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws), "--stages", "data"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert p.returncode == 2, p.stderr[-2000:]
+        line = [ln for ln in p.stderr.splitlines() if "is in use by" in ln]
+        assert len(line) == 1 and f"pid {holder.pid}" in line[0] and "--workspace" in line[0]
+        assert not (ws / "runs").exists()  # it wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with workspace_lock(ws, "third"):  # released with its (killed) holder
+        assert "third" in (ws / ".lock.json").read_text()
+
+
+def test_registry_downloads_are_checked_against_the_registered_digest(tmp_path):
+    import shutil
+
+    from lifecycle import tracking
+
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "t", tmp_path / "art")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"w" * 4096)
+    run = tracking.start_run(uri, exp, "r")
+    version = tracking.register_model(uri, run, "m", model, {})
+    mv = tracking.model_version(uri, "m", version)
+    assert mv.tags[tracking.DIGEST_TAG] == dir_manifest(model)["digest"]
+
+    dest = tmp_path / "ws" / "serving" / "m" / version
+    assert tracking.fetch_model(uri, f"models:/m/{version}", dest) == dest
+    assert (dest / "model.safetensors").read_bytes() == b"w" * 4096
+    # A copy cut short behind our back (and not sealed) is fetched again, with a warning.
+    (dest / "model.safetensors").write_bytes(b"w" * 100)
+    dest.with_name(f".{dest.name}.digest").unlink()
+    with pytest.warns(UserWarning, match="differs from models:/m/1's registered files"):
+        tracking.fetch_model(uri, f"models:/m/{version}", dest)
+    assert (dest / "model.safetensors").read_bytes() == b"w" * 4096
+    # Files changed at the source: the download is refused and nothing is left behind.
+    src = Path(mv.source.removeprefix("file://")) / "model.safetensors"
+    src.write_bytes(b"x" * 4096)
+    other = tmp_path / "ws2" / "m" / version
+    with pytest.raises(ValueError, match="do not match the digest registered with the version"):
+        tracking.fetch_model(uri, f"models:/m/{version}", other)
+    assert not other.exists()
+    shutil.rmtree(tmp_path / "ws2")
