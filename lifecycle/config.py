@@ -892,6 +892,12 @@ class ServeConfig(_Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
     startup_timeout_s: float = Field(600.0, gt=0)
+    detect_per_minute: int = Field(
+        120,
+        ge=1,
+        description="/v1/watermark/detect calls per API key (or client address) per minute, "
+        "per replica: beyond them 429 (the detector must not be an oracle for the green lists)",
+    )
 
 
 class PromotionGateConfig(_Strict):

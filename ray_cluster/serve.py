@@ -13,7 +13,8 @@ project's own pieces are thin layers around it:
 
     GET  /                      a small chat page that talks to the API
     GET  /healthz               {"status": "ok", "model": ..., "version": ...}
-    POST /v1/watermark/detect   {"text": ...} -> z-score, p-value, verdict (off the event loop)
+    POST /v1/watermark/detect   {"text": ...} -> verdict, z-score, p-value (off the event loop;
+                                at least 16 scored tokens; `serve.detect_per_minute` per caller)
 
 - API key: with $LIFECYCLE_API_KEY set when the app is built, every route but `/`, `/healthz`,
   `/health` and `/ping` needs `Authorization: Bearer <key>` (the replicas hold only its
@@ -43,6 +44,7 @@ staging app (`STAGING_APP`, its own route prefix) before it moves `@champion`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
@@ -104,6 +106,7 @@ class ServeSpec:
     tensor_parallel_size: int = 1
     lora: dict[str, Any] | None = None  # LoraServeConfig as a dict: adapters served by id
     extra_engine_args: list[str] = field(default_factory=list)
+    detect_per_minute: int = 120
 
 
 class DetectBody(BaseModel):
@@ -219,6 +222,37 @@ def _guard_generate(engine: Any, spec: ServeSpec) -> None:
         return generate(prompt, sampling_params, request_id, *a, **kw)
 
     engine.generate = guarded
+
+
+class _RateLimit:
+    """At most `per_minute` calls per caller in any 60 s (a sliding window), for at most
+    `callers` distinct callers at once (the longest idle are forgotten first)."""
+
+    def __init__(self, per_minute: int, callers: int = 10_000) -> None:
+        self.per_minute, self.callers = per_minute, callers
+        self.calls: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+
+    def take(self, caller: str, now: float | None = None) -> int:
+        """0 when the call may go ahead (and counts it), else the seconds to wait."""
+        now = time.monotonic() if now is None else now
+        q = self.calls.pop(caller, None) or collections.deque()
+        while q and q[0] <= now - 60:
+            q.popleft()
+        self.calls[caller] = q  # most recent last
+        while len(self.calls) > self.callers:
+            self.calls.popitem(last=False)
+        if len(q) >= self.per_minute:
+            return max(1, int(q[0] + 60 - now + 0.999))
+        q.append(now)
+        return 0
+
+
+def _caller(request: Any) -> str:
+    """Who is calling: their API key (as a digest), else their address."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and auth[7:].strip():
+        return "key:" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:32]
+    return "addr:" + (request.client.host if request.client else "?")
 
 
 def _json(status: int, message: str, kind: str, headers: dict | None = None) -> Any:
@@ -354,6 +388,7 @@ class LLMServer:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.spec = s = ServeSpec(**spec)
+        self._detect_limit = _RateLimit(s.detect_per_minute)
         for k, v in vllm_env(s).items():  # before vLLM reads its environment
             os.environ.setdefault(k, v)
         self._scheme: Any = None
@@ -388,6 +423,7 @@ class LLMServer:
         await init_app_state(self.engine, self.state, self.args, self.supported_tasks)
 
     async def __serve_build_asgi_app__(self) -> Any:
+        from fastapi import Request
         from fastapi.responses import HTMLResponse
         from vllm.entrypoints.launchers.app import build_app
 
@@ -411,18 +447,32 @@ class LLMServer:
                 "max_model_len": self.max_model_len,
             }
 
-        async def detect(body):  # type: ignore[no-untyped-def]
+        async def detect(body, request):  # type: ignore[no-untyped-def]
             wm = self.spec.watermark
             if not wm:
                 return _json(
                     404, "this endpoint serves its model without a watermark", "not_found_error"
                 )
+            wait = self._detect_limit.take(_caller(request))
+            if wait:
+                return _json(
+                    429,
+                    f"at most {self.spec.detect_per_minute} watermark detections a minute",
+                    "rate_limit_error",
+                    {"Retry-After": str(wait)},
+                )
             threshold = body.z_threshold or wm.get("z_threshold", 4.0)
-            return await asyncio.to_thread(self._detect, body.text, threshold)
+            res = await asyncio.to_thread(self._detect, body.text, threshold)
+            if res["tokens"] < res["min_tokens"]:
+                return _json(400, res["note"], "invalid_request_error")
+            # The verdict and its z only: green counts of chosen texts would let a caller
+            # read the green lists off the detector one token pair at a time.
+            keep = ("watermarked", "z", "p_value", "tokens", "z_threshold", "min_tokens")
+            return {k: res[k] for k in keep}
 
         # The body's model set here, not as an annotation: Serve ships this class by value,
         # and a name only an annotation string uses does not travel with it.
-        detect.__annotations__ = {"body": DetectBody}
+        detect.__annotations__ = {"body": DetectBody, "request": Request}
         app.post("/v1/watermark/detect")(detect)
 
         return _Gate(app, self.spec)  # (vLLM's app has built its middleware stack already)
@@ -477,6 +527,7 @@ def make_spec(
         dtype=cfg.dtype,
         tensor_parallel_size=cfg.tensor_parallel_size,
         lora=_lora_spec(cfg),
+        detect_per_minute=cfg.detect_per_minute,
     )
 
 

@@ -33,7 +33,7 @@ def served(whole_chain, ray_session):
 
     _, summary = whole_chain
     stages = {s["stage"]: s for s in summary["stages"]}
-    cfg = ServeConfig(port=0, max_tokens=220)
+    cfg = ServeConfig(port=0, max_tokens=220, detect_per_minute=40)
     spec = make_spec(stages["quantize"]["artifact_uri"], cfg, "tiny-llm", "tiny-llm/1", WM)
     url = deploy_app(spec, cfg)
     yield {
@@ -159,11 +159,21 @@ def test_responses_carry_the_watermark_and_plain_text_is_not_flagged(served):
         httpx.post(f"{url}/v1/watermark/detect", json={"text": t}, timeout=60).json() for t in plain
     ]
     assert not any(d["watermarked"] for d in flagged), [round(d["z"], 2) for d in flagged]
-    # Empty and too-short text: an answer, not a crash.
-    empty = httpx.post(f"{url}/v1/watermark/detect", json={"text": ""}, timeout=30).json()
-    assert empty["tokens"] == 0 and empty["watermarked"] is False and "too short" in empty["note"]
-    short = httpx.post(f"{url}/v1/watermark/detect", json={"text": "copy ab"}, timeout=30).json()
-    assert short["watermarked"] is False and "too short" in short["note"]
+    # The verdict and its z only: no green counts to read the green lists from.
+    assert set(detect[0]) == {"watermarked", "z", "p_value", "tokens", "z_threshold", "min_tokens"}
+    # Empty and too-short text: a clear 400, not a verdict from a token pair or two.
+    for t in ("", "copy ab"):
+        r = httpx.post(f"{url}/v1/watermark/detect", json={"text": t}, timeout=30)
+        assert r.status_code == 400 and "too short to decide" in r.json()["error"]["message"]
+    # At most `detect_per_minute` calls a minute per caller: the rest wait (429, Retry-After).
+    left = served["cfg"].detect_per_minute - len(texts) - len(plain) - 2
+    codes = [
+        httpx.post(f"{url}/v1/watermark/detect", json={"text": plain[0]}, timeout=30)
+        for _ in range(left + 3)
+    ]
+    assert [r.status_code for r in codes[:left]] == [200] * left, codes
+    assert [r.status_code for r in codes[left:]] == [429] * 3
+    assert 1 <= int(codes[-1].headers["retry-after"]) <= 60
 
 
 def test_chat_page_in_headless_chromium_gets_the_models_answer(served):

@@ -162,3 +162,15 @@ def test_engine_env_sizes_the_kv_cache_and_binds_no_threads_unless_told(monkeypa
         "VLLM_CPU_OMP_THREADS_BIND": "0-3",
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
     }
+
+
+def test_detector_rate_limit_is_a_sliding_minute_per_caller_with_bounded_memory():
+    from ray_cluster.serve import _RateLimit
+
+    lim = _RateLimit(3, callers=2)
+    assert [lim.take("a", t) for t in (0, 1, 2)] == [0, 0, 0]
+    assert lim.take("a", 30) == 30  # the oldest call leaves the window at t = 60
+    assert lim.take("b", 30) == 0  # another caller has its own allowance
+    assert lim.take("a", 60.5) == 0  # one slot back
+    lim.take("c", 61)  # a third caller: the longest idle one ("b") is forgotten
+    assert list(lim.calls) == ["a", "c"]
