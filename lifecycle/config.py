@@ -867,6 +867,11 @@ class ServeConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0: a free port")
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve on a non-loopback host without $LIFECYCLE_API_KEY (a gateway in "
+        "front authenticates); otherwise that is refused at start",
+    )
     model_id: str | None = Field(
         None, description="name in /v1/models (default: the registry name)"
     )

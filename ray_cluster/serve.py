@@ -578,6 +578,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_open_bind(cfg: ServeConfig) -> None:
+    """ValueError when `cfg` would bind a non-loopback address with no API key: anyone on the
+    network could use the model (and the detector). `allow_unauthenticated: true` opts out
+    (a gateway in front does the auth); the opt-out is printed."""
+    if _loopback(cfg.host) or api_key_digest():
+        return
+    if not cfg.allow_unauthenticated:
+        raise ValueError(
+            f"deploy.serve.host is {cfg.host} (reachable from the network) and "
+            f"${API_KEY_ENV} is not set: set the key, bind 127.0.0.1, or set "
+            "deploy.serve.allow_unauthenticated: true when a gateway in front authenticates"
+        )
+    print(
+        f"warning: serving on {cfg.host} without an API key (deploy.serve.allow_unauthenticated)",
+        flush=True,
+    )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it is reachable
+
+
 def _start_serve(cfg: ServeConfig) -> Any:
     """Serve's client, starting Serve's HTTP proxy on `cfg.host:cfg.port` (port 0: a free
     one) unless Serve already runs in this cluster."""
@@ -585,6 +614,7 @@ def _start_serve(cfg: ServeConfig) -> Any:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
+        check_open_bind(cfg)
         serve.start(http_options={"host": cfg.host, "port": cfg.port or free_port(cfg.host)})
         client = _get_global_client()
     return client

@@ -174,3 +174,18 @@ def test_detector_rate_limit_is_a_sliding_minute_per_caller_with_bounded_memory(
     assert lim.take("a", 60.5) == 0  # one slot back
     lim.take("c", 61)  # a third caller: the longest idle one ("b") is forgotten
     assert list(lim.calls) == ["a", "c"]
+
+
+def test_a_network_bind_without_an_api_key_is_refused(monkeypatch, capsys):
+    from ray_cluster.serve import API_KEY_ENV, check_open_bind
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_open_bind(ServeConfig(host=host))
+    for host in ("0.0.0.0", "10.1.2.3", "my-node"):
+        with pytest.raises(ValueError, match=rf"host is {host} .*LIFECYCLE_API_KEY is not set"):
+            check_open_bind(ServeConfig(host=host))
+    check_open_bind(ServeConfig(host="0.0.0.0", allow_unauthenticated=True))
+    assert "without an API key" in capsys.readouterr().out
+    monkeypatch.setenv(API_KEY_ENV, "k" * 32)
+    check_open_bind(ServeConfig(host="0.0.0.0"))
