@@ -12,7 +12,7 @@
     lifecycle serve status | lifecycle serve stop
     lifecycle rollback
     lifecycle schedule [CONFIG] [--work-pool POOL] [--paused]   (needs PREFECT_API_URL)
-    lifecycle cluster up --workers N [--cpus-per-node C] [--gpus-per-node G] [--auth]
+    lifecycle cluster up --workers N [--cpus-per-node C] [--gpus-per-node G] [--no-auth]
     lifecycle cluster status | lifecycle cluster down
 
 Exit codes: 0 every requested stage completed or was cached; 1 a stage failed;
@@ -559,14 +559,24 @@ def cluster_up(
     workers: Annotated[int, typer.Option(min=0, help="Worker nodes besides the head.")] = 2,
     cpus_per_node: Annotated[int, typer.Option(min=0)] = 1,
     gpus_per_node: Annotated[int, typer.Option(min=0)] = 0,
-    auth: Annotated[bool, typer.Option(help="Ray token authentication (RAY_AUTH_MODE=token).")] = (
-        False
-    ),
+    auth: Annotated[
+        bool,
+        typer.Option(
+            "--auth/--no-auth",
+            help="Ray token authentication (RAY_AUTH_MODE=token, the default); --no-auth lets "
+            "anyone who reaches this machine's Ray ports run code as you.",
+        ),
+    ] = True,
     workspace: WorkspaceOpt = ".lifecycle",
 ) -> None:
     """Starts a head and N worker nodes (separate raylets); prints how to use them."""
     from ray_cluster import local_cluster
 
+    if not auth:
+        err.print(
+            "warning: --no-auth: the cluster's Ray ports accept any client that reaches this "
+            "machine (Ray binds them on every interface)"
+        )
     try:
         state = local_cluster.up(workspace, workers, cpus_per_node, gpus_per_node, auth)
     except RuntimeError as e:

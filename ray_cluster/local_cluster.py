@@ -1,16 +1,18 @@
 """A multi-node Ray cluster on one machine: a head and N worker nodes, each its own raylet
 (`ray start` on distinct ports), for trying placement and node failure without a cloud.
 
-    lifecycle cluster up --workers 2 [--cpus-per-node 1] [--gpus-per-node 0] [--auth]
+    lifecycle cluster up --workers 2 [--cpus-per-node 1] [--gpus-per-node 0] [--no-auth]
     lifecycle cluster status
     lifecycle cluster down
     lifecycle run configs/tiny_cpu.yaml --set cluster.address=127.0.0.1:PORT
 
 State in `<workspace>/cluster/state.json` (address, ports, the temp dir the nodes share).
 Every node gets a custom resource `lifecycle_node_<i>` (head: `lifecycle_node_0`) so that a
-config can pin work to one. `--auth` switches Ray's token authentication on
-(`RAY_AUTH_MODE=token`, a fresh 0600 token in `<workspace>/cluster/auth_token`); a driver
-then needs both variables, which `up` prints. `down` ends the cluster's processes by PID:
+config can pin work to one. Ray's token authentication is on unless `--no-auth` (printed):
+`RAY_AUTH_MODE=token` with a fresh 0600 token in `<workspace>/cluster/auth_token`; a driver
+needs both variables, which `up` prints. The nodes advertise 127.0.0.1; Ray 2.60 has no
+option to bind its GCS and raylet ports to one interface (they listen on all of them), which
+is why the token is the default. `down` ends the cluster's processes by PID:
 those whose command line names its temp dir or its GCS port, never another Ray on the machine.
 In production: ray_cluster/cluster.yaml (`ray up`) or ray_cluster/kuberay/.
 """
@@ -53,7 +55,7 @@ def auth_env(state: dict[str, Any]) -> dict[str, str]:
     """The environment a process needs to talk to the cluster."""
     if state.get("auth"):
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]}
-    return {"RAY_AUTH_MODE": "disabled"}
+    return {}  # --no-auth: whatever the user's environment says
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> None:
@@ -102,6 +104,7 @@ def up(
         for i in range(workers + 1):
             nm, om, metrics, _ = node_ports[4 * i : 4 * i + 4]
             common = [
+                "--node-ip-address=127.0.0.1",
                 f"--num-cpus={cpus_per_node}",
                 f"--num-gpus={gpus_per_node}",
                 f"--node-manager-port={nm}",

@@ -1,6 +1,6 @@
 """A head and 2 worker nodes on this machine (`lifecycle cluster up`): STRICT_SPREAD puts one
 training worker per node, and killing a worker node's raylet mid-training does not fail the
-run (it resumes from its checkpoint on the remaining nodes). Token auth with `--auth`."""
+run (it resumes from its checkpoint on the remaining nodes). Token auth (the default)."""
 
 from __future__ import annotations
 
