@@ -8,6 +8,8 @@ nodes need the dependencies but not this checkout.
 
 from __future__ import annotations
 
+import socket
+import sys
 from typing import Any
 
 import ray
@@ -20,11 +22,21 @@ def connect(cfg: ClusterConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.address is None:
+        port = cfg.dashboard_port
+        if cfg.include_dashboard and not port_free(cfg.dashboard_host, port):
+            # another local Ray (another run on this machine) has it: ours takes a free one
+            port = _free_port(cfg.dashboard_host)
+            print(
+                f"Ray dashboard port {cfg.dashboard_port} is in use (another Ray on this "
+                f"machine): this run's dashboard is http://{cfg.dashboard_host}:{port}",
+                file=sys.stderr,
+                flush=True,
+            )
         ray.init(
             num_cpus=cfg.num_cpus,
             include_dashboard=cfg.include_dashboard,
             dashboard_host=cfg.dashboard_host,
-            dashboard_port=cfg.dashboard_port,
+            dashboard_port=port,
             log_to_driver=True,
             _metrics_export_port=cfg.metrics_export_port,
         )
@@ -33,6 +45,24 @@ def connect(cfg: ClusterConfig) -> bool:
     runtime_env = _ship_code() if cfg.address.startswith("ray://") else None
     ray.init(address=cfg.address, runtime_env=runtime_env)
     return False
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (port 0: always)."""
+    if port == 0:
+        return True
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _ship_code() -> dict[str, Any]:
