@@ -317,7 +317,7 @@ def _run_chain(
     t_start: float,
 ) -> dict[str, Any]:
 
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, ws)
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, ws / "mlartifacts")
     code = code_version()
     orphans = tracking.end_orphaned_runs(uri, exp_id)
@@ -384,7 +384,11 @@ def _run_chain(
         "run_name": run_name,
         "shipped_model": shipped,
         "status": "completed" if ok else "failed",
-        "mlflow": {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent},
+        "mlflow": {
+            "tracking_uri": tracking.redact(uri),
+            "experiment_id": exp_id,
+            "parent_run_id": parent,
+        },
         "prefect_flow_run_id": str(flow_run.id),
         "endpoint": endpoint(chain, cfg, uri),
         "seconds": round(time.time() - t_start, 3),

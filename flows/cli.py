@@ -501,7 +501,7 @@ def rollback(
     except ConfigError as e:
         _fail_config(e)
     ws = Path(workspace).resolve()
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, ws)
     name = cfg.tracking.registered_model
     try:
         old, new = do_rollback(uri, name)

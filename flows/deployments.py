@@ -59,7 +59,7 @@ def _load(config: str, overrides: list[str] | None) -> tuple[Path, PipelineConfi
 
 
 def _uri(cfg: PipelineConfig, workspace: str) -> str:
-    return cfg.tracking.tracking_uri or tracking.default_tracking_uri(Path(workspace).resolve())
+    return tracking.resolve_uri(cfg.tracking.tracking_uri, Path(workspace).resolve())
 
 
 @flow(name="lifecycle", log_prints=True)

@@ -62,7 +62,7 @@ def serve_forever(
     from ray_cluster.serve import RollOverFailed, deploy_app, shutdown
 
     ws = Path(workspace).resolve()
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, ws)
     scfg = cfg.deploy.serve if cfg.deploy else ServeConfig()
     if port is not None:
         scfg = scfg.model_copy(update={"port": port})  # configs are frozen
@@ -208,7 +208,7 @@ def follow_champion(
     import httpx
 
     ws = Path(workspace).resolve()
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws)
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, ws)
     name = cfg.tracking.registered_model
     champ = champion_version(uri, name)
     if champ is None:

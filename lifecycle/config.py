@@ -74,7 +74,11 @@ class DeepSpeedConfig(_Strict):
 class TrackingConfig(_Strict):
     """MLflow. `tracking_uri: null` means SQLite in the workspace (`<workspace>/mlflow.db`)."""
 
-    tracking_uri: str | None = None
+    tracking_uri: str | None = Field(
+        None,
+        description="null: $MLFLOW_TRACKING_URI, else SQLite in the workspace. No credentials "
+        "here (the config is recorded): put a URI with a password in $MLFLOW_TRACKING_URI",
+    )
     experiment: str = "llm-lifecycle"
     registered_model: str = Field("tiny-llm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     checkpoint_copy_max_mb: float = Field(
@@ -83,6 +87,19 @@ class TrackingConfig(_Strict):
         description="checkpoints up to this size are copied into MLflow; larger ones "
         "are recorded by reference with a sha256 manifest",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v and "://" in v and urlsplit(v).password:
+            raise ValueError(
+                "tracking.tracking_uri holds a password, and the config is recorded (MLflow "
+                "params, runs/*/config.yaml, Prefect parameters): set tracking_uri: null and put "
+                "the URI in $MLFLOW_TRACKING_URI"
+            )
+        return v
 
 
 class FlowConfig(_Strict):

@@ -36,6 +36,19 @@ def default_tracking_uri(workspace: str | Path) -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
+def resolve_uri(configured: str | None, workspace: str | Path) -> str:
+    """The tracking URI a run uses: the config's `tracking.tracking_uri`, else
+    $MLFLOW_TRACKING_URI (where a URI with credentials belongs: the config refuses them),
+    else SQLite in the workspace."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workspace)
+
+
+def redact(uri: str) -> str:
+    """`uri` with any password replaced by `***` (`postgresql://u:***@host/db`): what is
+    recorded (summaries, logs) instead of the URI itself."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", uri)
+
+
 def client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
