@@ -1,6 +1,8 @@
 """Connecting to Ray: a local Ray (dashboard on 127.0.0.1) or an existing cluster.
 
-`cluster.address: null` starts a local Ray for this process and stops it afterwards;
+`cluster.address: null` starts a local Ray for this process and stops it afterwards (Ray's
+token authentication on, as Ray 2.60 defaults, with its token file made private; a taken
+dashboard port is replaced by a free one, printed);
 `auto` joins the cluster this machine belongs to; `ray://host:10001` joins over Ray Client.
 Over Ray Client the project's packages are shipped with the job (py_modules), so worker
 nodes need the dependencies but not this checkout.
@@ -8,8 +10,11 @@ nodes need the dependencies but not this checkout.
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,6 +27,7 @@ def connect(cfg: ClusterConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.address is None:
+        private_ray_token()
         port = cfg.dashboard_port
         if cfg.include_dashboard and not port_free(cfg.dashboard_host, port):
             # another local Ray (another run on this machine) has it: ours takes a free one
@@ -45,6 +51,28 @@ def connect(cfg: ClusterConfig) -> bool:
     runtime_env = _ship_code() if cfg.address.startswith("ray://") else None
     ray.init(address=cfg.address, runtime_env=runtime_env)
     return False
+
+
+def private_ray_token() -> Path | None:
+    """The token file of Ray's token authentication (on by default for a local `ray.init` in
+    Ray 2.60), made readable by its owner only: Ray writes `~/.ray/auth_token` with the
+    process umask (0644: every user of the machine could read the token and then run code
+    on this Ray). Creates it (0600) when missing; None when auth is off or the token comes
+    from $RAY_AUTH_TOKEN."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get(
+        "RAY_AUTH_TOKEN"
+    ):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
 
 
 def port_free(host: str, port: int) -> bool:

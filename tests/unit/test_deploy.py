@@ -189,3 +189,21 @@ def test_a_network_bind_without_an_api_key_is_refused(monkeypatch, capsys):
     assert "without an API key" in capsys.readouterr().out
     monkeypatch.setenv(API_KEY_ENV, "k" * 32)
     check_open_bind(ServeConfig(host="0.0.0.0"))
+
+
+def test_the_local_ray_token_is_readable_by_its_owner_only(monkeypatch, tmp_path):
+    from ray_cluster.connect import private_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    made = private_ray_token()  # none yet: created 0600
+    assert made == tmp_path / ".ray" / "auth_token"
+    assert made.stat().st_mode & 0o777 == 0o600 and len(made.read_text()) == 64
+    made.chmod(0o644)  # as Ray writes it under umask 022
+    token = made.read_text()
+    assert private_ray_token() == made and made.stat().st_mode & 0o777 == 0o600
+    assert made.read_text() == token  # the same token: running clusters keep working
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert private_ray_token() is None
