@@ -146,8 +146,11 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")  # the installed console script
 
 
-def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tuple[int, dict]:
-    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary)."""
+def run_cli(
+    ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml", threads: str | None = None
+) -> tuple[int, dict]:
+    """`lifecycle run CONFIG --json ...` in a subprocess: (exit code, summary). `threads`:
+    its OMP_NUM_THREADS instead of this worker's share."""
     cmd = [
         LIFECYCLE,
         "run",
@@ -159,7 +162,10 @@ def run_cli(ws: Path, *extra: str, config: str = "configs/tiny_cpu.yaml") -> tup
         f"cluster.dashboard_port={free_port()}",
         *extra,
     ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    env = None
+    if threads:
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     with open(
         ws.parent / "cli.log", "a"
     ) as log:  # what the run printed: the key-leak test reads it
@@ -193,11 +199,11 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
         if not done.is_file():
             ws = shared / "chain" / "ws"
             ws.parent.mkdir(parents=True, exist_ok=True)
-            # This worker's share of the threads, like every other process of the suite:
-            # with 2 threads beside another worker's 1-thread training on 2 cores, the
-            # 2-thread one made 18 steps/s and the other 31, against 45 and 43 with one
-            # thread each (OpenMP threads spin-wait for a descheduled peer).
-            rc, summary = run_cli(ws, "--run-name", "first")
+            # Every core's threads: the chain is the suite's critical path. (Two
+            # processes training flat out on 2 cores lose with 2+1 threads: 18 + 31 steps/s
+            # against 45 + 43 with 1 + 1; but the other worker often waits, and in the
+            # suite the chain took 1001 s with 2 threads, 1197 s with 1.)
+            rc, summary = run_cli(ws, "--run-name", "first", threads=str(os.cpu_count() or 1))
             assert rc == 0, summary
             done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))
     got = json.loads(done.read_text())
@@ -252,17 +258,30 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_xdist_make_scheduler(config, log):
     """xdist's loadfile scheduler, except that the chain module's worker takes no other
-    module while chain tests are pending: by default a worker is topped up whenever two or
-    fewer of its tests are pending, which queued modules behind the ~12-minute Prefect test."""
+    module while more than one chain test is pending: by default a worker is topped up
+    whenever two or fewer of its tests are pending, which queued modules behind the
+    ~5-minute Prefect test."""
     from xdist.scheduler import LoadFileScheduling
 
     class ChainWorkerAlone(LoadFileScheduling):
         def _reschedule(self, node) -> None:
-            busy = any(
-                scope.startswith(CHAIN_MODULE) and not all(done.values())
-                for scope, done in self.assigned_work.get(node, {}).items()
-            )
-            if busy and self.workqueue:
+            work = self.assigned_work.get(node, {})
+
+            def pending(chain: bool) -> int:
+                return sum(
+                    not d
+                    for scope, done in work.items()
+                    if scope.startswith(CHAIN_MODULE) == chain
+                    for d in done.values()
+                )
+
+            if pending(True) and self.workqueue:
+                # A worker holds its last pending test until it knows the next one (or is
+                # told to shut down): with only the chain's last test left it would idle
+                # until the queue empties (measured: 321 s). One more module lets it go on;
+                # that module runs after the chain's last test.
+                if pending(True) == 1 and pending(False) == 0:
+                    self._assign_work_unit(node)
                 return
             super()._reschedule(node)
 
