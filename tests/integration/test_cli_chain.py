@@ -1,7 +1,7 @@
 """The README's main command, end to end, and everything that builds on its workspace: the
 whole chain on tiny_cpu.yaml, a cached re-run and sub-chains, a worse candidate and serving
-that follows the champion, the key's confinement, and the Prefect deployments (retrain,
-redeploy) run by a worker against a Prefect server.
+that follows the champion, the Prefect deployments (retrain, redeploy) run by a worker
+against a Prefect server, and last the key's confinement across all of it.
 
 One module on purpose: these tests add to one workspace (runs, registry versions, the
 champion) and read what the earlier ones left, so pytest-xdist (`--dist loadfile`) runs them
@@ -373,32 +373,6 @@ def _broken_champion_keeps_the_old_one_serving(ws: Path, uri: str, url: str, log
     assert r.returncode == 0 and f"champion {version} -> 1" in r.stdout, r.stderr
 
 
-def test_the_key_never_leaves_the_environment(whole_chain):
-    """The watermark key is in no MLflow param, tag or artifact, no file or path of the
-    workspace, no log line of the runs and not in the summary."""
-    ws, summary = whole_chain
-    secret = os.environ["LIFECYCLE_WATERMARK_KEY"]
-    assert secret not in json.dumps(summary)
-    uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
-    c = tracking.client(uri)
-    for run in c.search_runs([exp]):
-        assert secret not in json.dumps([run.data.params, run.data.tags]), run.info.run_name
-    for mv in c.search_model_versions():
-        assert secret not in json.dumps(mv.tags), mv.name
-    for rm in c.search_registered_models():
-        assert secret not in json.dumps(rm.tags), rm.name
-    needle = secret.encode()
-    for p in ws.rglob("*"):
-        assert secret not in str(p.relative_to(ws)), p
-        if p.is_file() and p.stat().st_size < 50_000_000:
-            assert needle not in p.read_bytes(), p  # mlflow.db, artifacts, checkpoints, ...
-    assert secret not in (ws.parent / "cli.log").read_text()
-    wm = tracking.get_run(
-        uri, {s["stage"]: s for s in summary["stages"]}["watermark"]["mlflow_run_id"]
-    )
-    assert wm.data.params["key_id"] and wm.data.tags["lifecycle.watermark.key_id"]
-
-
 def _fingerprint_matches(model_dir: str) -> int:
     p = subprocess.run(
         [
@@ -689,3 +663,32 @@ def test_retrain_and_redeploy_as_prefect_deployments(whole_chain, prefect_server
         _stop(worker)
         worker_log.close()
     assert not (ws / "serve" / "state.json").exists()
+
+
+def test_the_key_never_leaves_the_environment(whole_chain):
+    """The watermark key is in no MLflow param, tag or artifact, no file or path of the
+    workspace, no log line of the runs and not in the summary — after everything the module's
+    tests added. Last in the module on purpose: pytest-xdist holds a worker's last test until
+    it knows the next one, so this short test is the one held, not the Prefect test (the
+    scheduler hook in tests/conftest.py then gives the worker more modules)."""
+    ws, summary = whole_chain
+    secret = os.environ["LIFECYCLE_WATERMARK_KEY"]
+    assert secret not in json.dumps(summary)
+    uri, exp = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment_id"]
+    c = tracking.client(uri)
+    for run in c.search_runs([exp]):
+        assert secret not in json.dumps([run.data.params, run.data.tags]), run.info.run_name
+    for mv in c.search_model_versions():
+        assert secret not in json.dumps(mv.tags), mv.name
+    for rm in c.search_registered_models():
+        assert secret not in json.dumps(rm.tags), rm.name
+    needle = secret.encode()
+    for p in ws.rglob("*"):
+        assert secret not in str(p.relative_to(ws)), p
+        if p.is_file() and p.stat().st_size < 50_000_000:
+            assert needle not in p.read_bytes(), p  # mlflow.db, artifacts, checkpoints, ...
+    assert secret not in (ws.parent / "cli.log").read_text()
+    wm = tracking.get_run(
+        uri, {s["stage"]: s for s in summary["stages"]}["watermark"]["mlflow_run_id"]
+    )
+    assert wm.data.params["key_id"] and wm.data.tags["lifecycle.watermark.key_id"]
