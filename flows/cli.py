@@ -307,7 +307,7 @@ def _model_dir(model: str, workspace: str) -> str:
 
         ws = Path(workspace).resolve()
         try:  # into <ws>/external/NAME/VERSION, as `--from STAGE=models:/...` fetches
-            _, d = fetch_version(tracking.default_tracking_uri(ws), model, ws / "external")
+            _, d = fetch_version(tracking.resolve_uri(None, ws), model, ws / "external")
         except ValueError as e:
             _error(f"{e} (the registry of workspace {ws})")
             raise typer.Exit(2) from None

@@ -13,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,19 +127,10 @@ def workspace_lock(workspace: str | Path, what: str) -> Iterator[None]:
     """Holds `<workspace>/.lock` (an OS file lock: it ends with its process, SIGKILL included)
     while `what` writes the workspace; raises WorkspaceBusy naming the holder when another
     process holds it. The holder's description is in `.lock.json`."""
-    from filelock import FileLock, Timeout
-
     ws = Path(workspace)
     ws.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(ws / ".lock"))
+    lock = _take_lock(ws)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise WorkspaceBusy(_busy_message(ws)) from None
-    try:
-        import socket
-        import time
-
         info = {
             "what": what,
             "pid": os.getpid(),
@@ -153,17 +146,20 @@ def workspace_lock(workspace: str | Path, what: str) -> Iterator[None]:
 def check_workspace_free(workspace: str | Path) -> None:
     """WorkspaceBusy (naming the holder) if another process writes `workspace` now: what the
     CLI checks before it starts anything."""
+    ws = Path(workspace)
+    if (ws / ".lock").is_file():
+        _take_lock(ws).release()
+
+
+def _take_lock(ws: Path) -> Any:
     from filelock import FileLock, Timeout
 
-    ws = Path(workspace)
-    if not (ws / ".lock").is_file():
-        return
     lock = FileLock(str(ws / ".lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise WorkspaceBusy(_busy_message(ws)) from None
-    lock.release()
+    return lock
 
 
 def _busy_message(ws: Path) -> str:

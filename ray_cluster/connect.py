@@ -31,7 +31,7 @@ def connect(cfg: ClusterConfig) -> bool:
         port = cfg.dashboard_port
         if cfg.include_dashboard and not port_free(cfg.dashboard_host, port):
             # another local Ray (another run on this machine) has it: ours takes a free one
-            port = _free_port(cfg.dashboard_host)
+            port = free_port(cfg.dashboard_host)
             print(
                 f"Ray dashboard port {cfg.dashboard_port} is in use (another Ray on this "
                 f"machine): this run's dashboard is http://{cfg.dashboard_host}:{port}",
@@ -87,10 +87,11 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` free now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _ship_code() -> dict[str, Any]:

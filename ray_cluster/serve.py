@@ -62,6 +62,7 @@ from lifecycle.config import ServeConfig
 from lifecycle.vllm_engine import engine_env
 from lifecycle.watermark.detect import with_verdict
 from ray_cluster import metrics as ray_metrics
+from ray_cluster.connect import free_port
 
 APP_NAME = "lifecycle"
 STAGING_APP = "lifecycle-staging"
@@ -568,14 +569,6 @@ def build_app(spec: ServeSpec, cfg: ServeConfig) -> Any:
     else:
         opts["num_replicas"] = cfg.num_replicas
     return LLMServer.options(**opts).bind(asdict(spec))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def check_open_bind(cfg: ServeConfig) -> None:
