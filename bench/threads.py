@@ -53,20 +53,23 @@ print(f"RESULT {steps / (time.perf_counter() - t0)}")
 """
 
 
-def run_pair(threads: int, steps: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(steps)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
+def run_pair(threads: int | tuple[int, int], steps: int) -> float:
+    """Steps/s of two processes together, with `threads` each (or per process)."""
+    pair = threads if isinstance(threads, tuple) else (threads, threads)
+    procs = []
+    for t in pair:
+        env = {**os.environ, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t)}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(steps)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
         )
-        for _ in range(2)
-    ]
     rates = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -85,11 +88,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     a = ap.parse_args()
     cores = os.cpu_count() or 1
-    variants = {"oversubscribed": cores, "split": max(1, cores // 2)}
+    half = max(1, cores // 2)
+    variants = {"oversubscribed": cores, "split": half, "mixed": (cores, half)}
     print(f"machine: {machine()}; two processes; threads each: {variants}", flush=True)
     got: dict[str, list[float]] = {k: [] for k in variants}
     for rep in range(a.reps):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # alternated
         for name in order:
             t0 = time.perf_counter()
             rate = run_pair(variants[name], a.steps)
@@ -100,10 +104,11 @@ def main() -> None:
                 flush=True,
             )
     o, s = statistics.median(got["oversubscribed"]), statistics.median(got["split"])
+    m = statistics.median(got["mixed"])
     print(
         f"\nmedian steps/s of the pair: oversubscribed ({cores} threads each) {o:.1f}, "
-        f"split ({variants['split']} each) {s:.1f}; split / oversubscribed {s / o:.2f}x; "
-        f"machine: {machine()}"
+        f"split ({half} each) {s:.1f}, mixed ({cores} + {half}) {m:.1f}; "
+        f"split / oversubscribed {s / o:.2f}x, split / mixed {s / m:.2f}x; machine: {machine()}"
     )
 
 
