@@ -239,7 +239,7 @@ def slug(text: str) -> str:
 
 def mlflow_run_url(ctx: RunContext, run_id: str) -> str:
     """The run's page in the MLflow UI (for a file/SQLite store: the default local UI)."""
-    uri = ctx.tracking_uri
+    uri = re.sub(r"^(https?://)[^/@]*@", r"\1", ctx.tracking_uri)  # never a user or password
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{ctx.experiment_id}/runs/{run_id}"
 

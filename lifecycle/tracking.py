@@ -52,6 +52,10 @@ def redact(uri: str) -> str:
 def client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
+    if redact(tracking_uri) != tracking_uri:
+        # MLflow prints "View run <name> at: <tracking URI>/#/..." when a run ends, the
+        # password included: not with this URI (this process's runs, its workers included).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -14,10 +14,12 @@ import os
 import secrets
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray
+from filelock import FileLock
 
 from lifecycle.config import ClusterConfig
 
@@ -28,29 +30,37 @@ def connect(cfg: ClusterConfig) -> bool:
         return False
     if cfg.address is None:
         private_ray_token()
-        port = cfg.dashboard_port
-        if cfg.include_dashboard and not port_free(cfg.dashboard_host, port):
-            # another local Ray (another run on this machine) has it: ours takes a free one
-            port = free_port(cfg.dashboard_host)
-            print(
-                f"Ray dashboard port {cfg.dashboard_port} is in use (another Ray on this "
-                f"machine): this run's dashboard is http://{cfg.dashboard_host}:{port}",
-                file=sys.stderr,
-                flush=True,
+        # Two runs starting at once would both find the port free and the second Ray's
+        # dashboard would then fail to bind it: local starts on this machine take turns.
+        with _local_start_lock():
+            port = cfg.dashboard_port
+            if cfg.include_dashboard and not port_free(cfg.dashboard_host, port):
+                # another local Ray (another run on this machine) has it: ours takes a free one
+                port = free_port(cfg.dashboard_host)
+                print(
+                    f"Ray dashboard port {cfg.dashboard_port} is in use (another Ray on this "
+                    f"machine): this run's dashboard is http://{cfg.dashboard_host}:{port}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                include_dashboard=cfg.include_dashboard,
+                dashboard_host=cfg.dashboard_host,
+                dashboard_port=port,
+                log_to_driver=True,
+                _metrics_export_port=cfg.metrics_export_port,
             )
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            include_dashboard=cfg.include_dashboard,
-            dashboard_host=cfg.dashboard_host,
-            dashboard_port=port,
-            log_to_driver=True,
-            _metrics_export_port=cfg.metrics_export_port,
-        )
         return True
     # Over Ray Client the cluster has none of our code: ship the packages with the job.
     runtime_env = _ship_code() if cfg.address.startswith("ray://") else None
     ray.init(address=cfg.address, runtime_env=runtime_env)
     return False
+
+
+def _local_start_lock() -> FileLock:
+    """A lock per user of this machine, held while a local Ray picks its ports and starts."""
+    return FileLock(Path(tempfile.gettempdir()) / f"lifecycle-ray-start-{os.getuid()}.lock")
 
 
 def private_ray_token() -> Path | None:

@@ -10,9 +10,11 @@ State in `<workspace>/cluster/state.json` (address, ports, the temp dir the node
 Every node gets a custom resource `lifecycle_node_<i>` (head: `lifecycle_node_0`) so that a
 config can pin work to one. Ray's token authentication is on unless `--no-auth` (printed):
 `RAY_AUTH_MODE=token` with a fresh 0600 token in `<workspace>/cluster/auth_token`; a driver
-needs both variables, which `up` prints. The nodes advertise 127.0.0.1; Ray 2.60 has no
-option to bind its GCS and raylet ports to one interface (they listen on all of them), which
-is why the token is the default. `down` ends the cluster's processes by PID:
+needs both variables, which `up` prints. Only the dashboard binds 127.0.0.1: Ray 2.60 has
+no option to bind its GCS and raylet ports to one interface (they listen on all of them), and
+it replaces a 127.0.0.1 node address by the machine's own (`resolve_ip_for_localhost`), where
+the head's Ray Client server listens (port 10001) — which is why the token is the default:
+each of those ports refuses a driver without it (tests/integration/test_faults.py). `down` ends the cluster's processes by PID:
 those whose command line names its temp dir or its GCS port, never another Ray on the machine.
 In production: ray_cluster/cluster.yaml (`ray up`) or ray_cluster/kuberay/.
 """
@@ -104,7 +106,6 @@ def up(
         for i in range(workers + 1):
             nm, om, metrics, _ = node_ports[4 * i : 4 * i + 4]
             common = [
-                "--node-ip-address=127.0.0.1",
                 f"--num-cpus={cpus_per_node}",
                 f"--num-gpus={gpus_per_node}",
                 f"--node-manager-port={nm}",

@@ -34,6 +34,7 @@ from ray_cluster.train import (
     latest_checkpoint,
     report_checkpoint,
     run_trainer,
+    worker_tracking_uri,
 )
 
 
@@ -49,7 +50,7 @@ def rlhf_loop(c: dict[str, Any]) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    tracker = RankZeroTracker(c["tracking_uri"], c["mlflow_run_id"], enabled=rank == 0)
+    tracker = RankZeroTracker(worker_tracking_uri(c), c["mlflow_run_id"], enabled=rank == 0)
     tok = load_tokenizer(c["tokenizer_dir"])
     pad = tok.pad_token_id
     torch.manual_seed(cfg.seed + rank)  # sampling differs per rank; init is loaded, not random

@@ -571,6 +571,10 @@ def build_app(spec: ServeSpec, cfg: ServeConfig) -> Any:
     return LLMServer.options(**opts).bind(asdict(spec))
 
 
+ALLOW_UNAUTHENTICATED_ENV = "LIFECYCLE_SERVE_ALLOW_UNAUTHENTICATED"
+"""app_from_env's opt-out of the API key (deploy.serve.allow_unauthenticated elsewhere)."""
+
+
 def check_open_bind(cfg: ServeConfig) -> None:
     """ValueError when `cfg` would bind a non-loopback address with no API key: anyone on the
     network could use the model (and the detector). `allow_unauthenticated: true` opts out
@@ -680,6 +684,16 @@ def app_from_env(args: dict[str, str] | None = None) -> Any:
     model_dir = args.get("model_dir") or os.environ.get("LIFECYCLE_SERVE_MODEL_DIR")
     if not model_dir:
         raise ValueError("app_from_env needs model_dir (arg) or $LIFECYCLE_SERVE_MODEL_DIR")
+    # The app serves on the cluster's Serve address (0.0.0.0 in a RayService), and the key is
+    # read here, where the app is built: without one nothing would be authenticated.
+    if not api_key_digest():
+        if os.environ.get(ALLOW_UNAUTHENTICATED_ENV, "").lower() not in ("1", "true"):
+            raise ValueError(
+                f"app_from_env: ${API_KEY_ENV} is not set where the app is built (every "
+                "node of a RayService: from a Secret); set it, or set "
+                f"${ALLOW_UNAUTHENTICATED_ENV}=true when a gateway in front authenticates"
+            )
+        print(f"warning: serving without an API key (${ALLOW_UNAUTHENTICATED_ENV})", flush=True)
     model_id = args.get("model_id") or os.environ.get("LIFECYCLE_SERVE_MODEL_ID", "model")
     wm = os.environ.get("LIFECYCLE_SERVE_WATERMARK")
     cfg = ServeConfig()

@@ -38,7 +38,7 @@ from lifecycle.config import (
     TrainingConfig,
 )
 from lifecycle.models import build_model, flops_per_token, load_tokenizer, num_params, save_model
-from lifecycle.tracking import RankZeroTracker
+from lifecycle.tracking import RankZeroTracker, redact
 from lifecycle.training import (
     BatchSampler,
     LMData,
@@ -75,7 +75,7 @@ def causal_lm_loop(c: dict[str, Any]) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    tracker = RankZeroTracker(c["tracking_uri"], c["mlflow_run_id"], enabled=rank == 0)
+    tracker = RankZeroTracker(worker_tracking_uri(c), c["mlflow_run_id"], enabled=rank == 0)
 
     tokenizer = load_tokenizer(c["tokenizer_dir"])
     data = LMData.load(kind, c["data_dir"], tokenizer.pad_token_id)
@@ -424,11 +424,25 @@ class TrainJob:
         )
 
     def loop_config(self) -> dict[str, Any]:
-        return {
-            "tracking_uri": self.tracking_uri,
+        """What the workers need of the job. Ray Train records `train_loop_config` in its run
+        state (the dashboard's Train page shows it), so a tracking URI with a password goes
+        by object reference: the config shows the redacted URI and the reference's id, the
+        worker resolves it (`worker_tracking_uri`)."""
+        shown = redact(self.tracking_uri)
+        out: dict[str, Any] = {
+            "tracking_uri": shown,
             "mlflow_run_id": self.mlflow_run_id,
             "checkpoint_copy_max_mb": self.checkpoint_copy_max_mb,
         }
+        if shown != self.tracking_uri:
+            out["tracking_uri_ref"] = ray.put(self.tracking_uri)
+        return out
+
+
+def worker_tracking_uri(c: dict[str, Any]) -> str:
+    """The tracking URI of a training loop's config `c` (see `TrainJob.loop_config`)."""
+    ref = c.get("tracking_uri_ref")
+    return ray.get(ref) if ref is not None else c["tracking_uri"]
 
 
 def fit_causal_lm(

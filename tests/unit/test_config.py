@@ -194,19 +194,3 @@ def test_model_dir_problems_are_named(tmp_path):
                 "data": {"demo": {}, "block_size": 256},
             }
         )
-
-
-def test_tracking_credentials_stay_out_of_the_config_and_the_records(monkeypatch, tmp_path):
-    from lifecycle import tracking
-
-    with pytest.raises(ConfigError, match=r"holds a password.*MLFLOW_TRACKING_URI"):
-        validate_config({"tracking": {"tracking_uri": "postgresql://u:s3cret@db:5432/mlflow"}})
-    assert tracking.redact("postgresql://u:s3cret@db:5432/mlflow") == (
-        "postgresql://u:***@db:5432/mlflow"
-    )
-    assert tracking.redact("sqlite:////ws/mlflow.db") == "sqlite:////ws/mlflow.db"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_uri(None, tmp_path) == tracking.default_tracking_uri(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u:s3cret@db/mlflow")
-    assert tracking.resolve_uri(None, tmp_path) == "postgresql://u:s3cret@db/mlflow"
-    assert tracking.resolve_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"

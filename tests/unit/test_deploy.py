@@ -120,32 +120,6 @@ def test_grafana_dashboard_is_valid_and_shows_every_project_metric():
     assert not missing, missing
 
 
-def test_production_cluster_files_parse_and_name_their_parts():
-    import yaml
-
-    from ray_cluster.serve import app_from_env
-
-    root = ROOT / "ray_cluster"
-    launcher = yaml.safe_load((root / "cluster.yaml").read_text())
-    assert launcher["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 8
-    kinds = {
-        yaml.safe_load(p.read_text())["kind"]: p.name for p in (root / "kuberay").glob("*.yaml")
-    }
-    assert set(kinds) == {"RayCluster", "RayJob", "RayService"}
-    rc = yaml.safe_load((root / "kuberay" / "raycluster.yaml").read_text())
-    env = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "RAY_AUTH_MODE", "value": "token"} in env
-    gpu = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 8
-    svc = yaml.safe_load((root / "kuberay" / "rayservice.yaml").read_text())
-    (served,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
-    assert served["import_path"] == "ray_cluster.serve:app_from_env"
-    app = app_from_env({"model_dir": "/models/m", "model_id": "m"})
-    assert app._bound_deployment.name == "LLMServer"
-    with pytest.raises(ValueError, match="model_dir"):
-        app_from_env({})
-
-
 def test_engine_env_sizes_the_kv_cache_and_binds_no_threads_unless_told(monkeypatch):
     from lifecycle.vllm_engine import engine_env
     from ray_cluster.serve import ServeSpec, vllm_env
@@ -162,48 +136,3 @@ def test_engine_env_sizes_the_kv_cache_and_binds_no_threads_unless_told(monkeypa
         "VLLM_CPU_OMP_THREADS_BIND": "0-3",
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
     }
-
-
-def test_detector_rate_limit_is_a_sliding_minute_per_caller_with_bounded_memory():
-    from ray_cluster.serve import _RateLimit
-
-    lim = _RateLimit(3, callers=2)
-    assert [lim.take("a", t) for t in (0, 1, 2)] == [0, 0, 0]
-    assert lim.take("a", 30) == 30  # the oldest call leaves the window at t = 60
-    assert lim.take("b", 30) == 0  # another caller has its own allowance
-    assert lim.take("a", 60.5) == 0  # one slot back
-    lim.take("c", 61)  # a third caller: the longest idle one ("b") is forgotten
-    assert list(lim.calls) == ["a", "c"]
-
-
-def test_a_network_bind_without_an_api_key_is_refused(monkeypatch, capsys):
-    from ray_cluster.serve import API_KEY_ENV, check_open_bind
-
-    monkeypatch.delenv(API_KEY_ENV, raising=False)
-    for host in ("127.0.0.1", "localhost", "::1"):
-        check_open_bind(ServeConfig(host=host))
-    for host in ("0.0.0.0", "10.1.2.3", "my-node"):
-        with pytest.raises(ValueError, match=rf"host is {host} .*LIFECYCLE_API_KEY is not set"):
-            check_open_bind(ServeConfig(host=host))
-    check_open_bind(ServeConfig(host="0.0.0.0", allow_unauthenticated=True))
-    assert "without an API key" in capsys.readouterr().out
-    monkeypatch.setenv(API_KEY_ENV, "k" * 32)
-    check_open_bind(ServeConfig(host="0.0.0.0"))
-
-
-def test_the_local_ray_token_is_readable_by_its_owner_only(monkeypatch, tmp_path):
-    from ray_cluster.connect import private_ray_token
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    made = private_ray_token()  # none yet: created 0600
-    assert made == tmp_path / ".ray" / "auth_token"
-    assert made.stat().st_mode & 0o777 == 0o600 and len(made.read_text()) == 64
-    made.chmod(0o644)  # as Ray writes it under umask 022
-    token = made.read_text()
-    assert private_ray_token() == made and made.stat().st_mode & 0o777 == 0o600
-    assert made.read_text() == token  # the same token: running clusters keep working
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert private_ray_token() is None
