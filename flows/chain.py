@@ -302,6 +302,10 @@ def lifecycle_flow(
     unknown = sorted(set(requested) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}")
+    if "deploy" in requested and cfg.deploy is not None:
+        from ray_cluster.serve import check_open_bind
+
+        check_open_bind(cfg.deploy.serve)  # now, not after hours of training
     with workspace_lock(ws, f"lifecycle run {run_name}"):
         return _run_chain(cfg, ws, run_name, requested, stages, force, dict(sources or {}), t_start)
 

@@ -168,6 +168,19 @@ def test_a_network_bind_without_an_api_key_is_refused(monkeypatch, capsys):
     check_open_bind(ServeConfig(host="0.0.0.0"))
 
 
+def test_a_run_that_would_serve_on_the_network_without_a_key_stops_before_any_stage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LIFECYCLE_API_KEY", "COLUMNS")}
+    ws = tmp_path / "ws"
+    p = subprocess.run(
+        [LIFECYCLE, "run", "configs/tiny_cpu.yaml", "--workspace", str(ws),
+         "--set", "deploy.serve.host=0.0.0.0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "deploy.serve.host is 0.0.0.0" in p.stderr and "LIFECYCLE_API_KEY" in p.stderr
+    assert not (ws / "runs").exists() and not (ws / "cache").exists()  # nothing ran
+
+
 def test_the_local_ray_token_is_readable_by_its_owner_only(monkeypatch, tmp_path):
     from ray_cluster.connect import private_ray_token
 
