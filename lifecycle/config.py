@@ -931,6 +931,12 @@ class PromotionGateConfig(_Strict):
     min_exact_match: float | None = Field(
         None, ge=0, le=1, description="absolute floor, champion or not (null: none)"
     )
+    # The drops are judged per prompt against the champion's answers to the same prompts
+    # (paired bootstrap, lifecycle/eval/stats.py): a metric fails only when its drop is
+    # beyond the margin with this confidence.
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided, of each drop")
+    resamples: int = Field(2000, ge=100, description="bootstrap resamples")
+    seed: int = 0
 
 
 class DeployConfig(_Strict):

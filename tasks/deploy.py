@@ -39,6 +39,7 @@ from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import DeployConfig, WatermarkConfig
 from lifecycle.data.instruct import demo_prompts, user_text
+from lifecycle.eval.stats import Comparison, markdown
 from lifecycle.models import chat_tokenizer
 from lifecycle.registry import (
     DATA_TAG,
@@ -66,9 +67,10 @@ class DeployCheckFailed(RuntimeError):
 
 def evaluate_for_promotion(
     model_dir: str, prompts: list[str], answers: list[str], samples: int, max_new_tokens: int
-) -> dict[str, float]:
-    """(Ray task) exact-match, answer perplexity and mean judge reward of one model dir."""
-    from lifecycle.eval.heldout import evaluate_torch
+) -> dict[str, Any]:
+    """(Ray task) exact-match, answer perplexity and mean judge reward of one model dir, and
+    under `items` their per-prompt figures, which the gate pairs with the champion's."""
+    from lifecycle.eval.heldout import GATED_SET, evaluate_torch
     from lifecycle.rlhf.evaluate import evaluate_policy
 
     tok = chat_tokenizer(Path(model_dir))
@@ -78,49 +80,77 @@ def evaluate_for_promotion(
         for p, a in zip(prompt_ids, answers, strict=True)
     ]
     ev = evaluate_torch(
-        model_dir, prompt_ids, answers, {"answers": answer_rows}, max_new_tokens=max_new_tokens
+        model_dir, prompt_ids, answers, {GATED_SET: answer_rows}, max_new_tokens=max_new_tokens
     )
     pol = evaluate_policy(
         model_dir, model_dir, prompts, answers, {"kind": "program"}, samples, max_new_tokens
     )
+    nll = ev["row_nll"][GATED_SET]
     return {
         "exact_match": float(ev["exact_match"]),
         "perplexity": float(ev["perplexity"]),
         "reward": float(pol["mean_reward"]),
+        "items": {
+            "exact_match": [
+                float(o == a.strip()) for o, a in zip(ev["outputs"], answers, strict=True)
+            ],
+            "neg_nll_per_token": [-s / max(n, 1) for s, n in nll],
+            "answer_tokens": [float(max(n, 1)) for _, n in nll],
+            "reward": pol["reward_per_prompt"],
+        },
     }
 
 
+def scalars(ev: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's headline numbers (without its per-item lists)."""
+    return {k: float(v) for k, v in ev.items() if k != "items"}
+
+
 def gate(
-    candidate: dict[str, float], champion: dict[str, float] | None, cfg: DeployConfig
-) -> list[str]:
-    """What makes the candidate worse than the champion by more than the margins (empty: it
-    may be promoted), and what puts it below the gate's absolute floor."""
+    candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: DeployConfig
+) -> tuple[list[str], list[Comparison]]:
+    """Whether the candidate may replace the champion: (reasons it may not — empty: promote
+    —, the paired comparisons). Each gated metric is compared item by item on the same
+    prompts with a paired bootstrap (lifecycle/eval/stats.py): a metric fails only when its
+    drop is beyond the margin at `gate.confidence`. The absolute floor needs no champion."""
+    from lifecycle.eval.stats import compare, perplexity_ratio_margin
+
     g, why = cfg.gate, []
     if g.min_exact_match is not None and candidate["exact_match"] < g.min_exact_match:
         why.append(
             f"exact match {candidate['exact_match']:.3f} below the floor {g.min_exact_match:g}"
         )
     if champion is None:
-        return why
-    drop = champion["exact_match"] - candidate["exact_match"]
-    if drop > g.max_exact_match_drop:
-        why.append(
-            f"exact match {candidate['exact_match']:.3f} vs champion {champion['exact_match']:.3f}"
-            f" (drop {drop:.3f} > {g.max_exact_match_drop:g})"
-        )
-    ratio = candidate["perplexity"] / max(champion["perplexity"], 1e-9)
-    if ratio > g.max_perplexity_ratio:
-        why.append(
-            f"answer perplexity {candidate['perplexity']:.3f} vs champion "
-            f"{champion['perplexity']:.3f} (ratio {ratio:.3f} > {g.max_perplexity_ratio:g})"
-        )
-    rdrop = champion["reward"] - candidate["reward"]
-    if rdrop > g.max_reward_drop:
-        why.append(
-            f"mean reward {candidate['reward']:.3f} vs champion {champion['reward']:.3f} "
-            f"(drop {rdrop:.3f} > {g.max_reward_drop:g})"
-        )
-    return why
+        return why, []
+    c, b = candidate["items"], champion["items"]
+    kw = {"confidence": g.confidence, "resamples": g.resamples, "seed": g.seed}
+    comps = [
+        compare("exact_match", c["exact_match"], b["exact_match"], g.max_exact_match_drop, **kw),
+        # perplexity = exp(token-weighted mean NLL): its ratio limit is a drop of -NLL
+        compare(
+            "answer_log_likelihood",
+            c["neg_nll_per_token"],
+            b["neg_nll_per_token"],
+            perplexity_ratio_margin(g.max_perplexity_ratio),
+            weights=b["answer_tokens"],
+            **kw,
+        ),
+        compare("reward", c["reward"], b["reward"], g.max_reward_drop, **kw),
+    ]
+    words = {
+        "exact_match": f"exact match {candidate['exact_match']:.3f} vs champion "
+        f"{champion['exact_match']:.3f}",
+        "answer_log_likelihood": f"answer perplexity {candidate['perplexity']:.3f} vs champion "
+        f"{champion['perplexity']:.3f} (limit ratio {g.max_perplexity_ratio:g})",
+        "reward": f"mean reward {candidate['reward']:.3f} vs champion {champion['reward']:.3f}",
+    }
+    for comp in comps:
+        if not comp.passed:
+            why.append(
+                f"{words[comp.metric]}: difference {comp.diff:+.3f}, its {comp.confidence:.0%} "
+                f"bound {comp.bound:+.3f} is below -{comp.max_drop:.3g} (allowed drop)"
+            )
+    return why, comps
 
 
 def _chat(url: str, prompts: list[str], max_tokens: int, api_key: str) -> list[str]:
@@ -234,7 +264,7 @@ def deploy(
                     uri, f"models:/{name}/{champ_mv.version}", serving_root
                 )
                 champ = run_remote(evaluate_for_promotion, cfg.scaling, str(champ_dir), *ev_args)
-            why = gate(cand, champ, cfg)
+            why, comparisons = gate(cand, champ, cfg)
 
             # Register the candidate in the serving registry (source: the shipped version).
             wm_tags: dict[str, str] = {}
@@ -251,7 +281,7 @@ def deploy(
                 "lifecycle.parent_model": source_ref,
                 "lifecycle.run_name": ctx.run_name,
                 "lifecycle.promotion": "pending" if not why else "rejected",
-                **{f"lifecycle.eval.{k}": f"{v:.6f}" for k, v in cand.items()},
+                **{f"lifecycle.eval.{k}": f"{v:.6f}" for k, v in scalars(cand).items()},
                 DATA_TAG: data_manifest_sha256(data.artifact_uri),
                 **wm_tags,
             }
@@ -311,7 +341,7 @@ def deploy(
             url = staging.removesuffix(STAGING_PREFIX)
             if not failures and cfg.keep_serving:  # the champion on the app clients use
                 url = deploy_app(spec, cfg.serve)
-            report = _report(name, version, cand, champ, champ_mv, why + failures, cfg)
+            report = _report(name, version, cand, champ, champ_mv, why + failures, cfg, comparisons)
             (tmp / "promotion.md").write_text(report)
             (tmp / "promotion.json").write_text(
                 json.dumps(
@@ -325,8 +355,9 @@ def deploy(
             )
         promoted = not why and not failures
         metrics = {
-            **{f"candidate/{k}": v for k, v in cand.items()},
-            **({f"champion/{k}": v for k, v in champ.items()} if champ else {}),
+            **{f"candidate/{k}": v for k, v in scalars(cand).items()},
+            **({f"champion/{k}": v for k, v in scalars(champ).items()} if champ else {}),
+            **{f"promotion/{c.metric}_bound": c.bound for c in comparisons},
             "promotion/promoted": float(promoted),
             "promotion/version": float(version),
             "serving/version": float(serving_mv.version),
@@ -411,11 +442,12 @@ def _reject(uri: str, name: str, version: str, reason: str) -> None:
 def _report(
     name: str,
     version: str,
-    cand: dict[str, float],
-    champ: dict[str, float] | None,
+    cand: dict[str, Any],
+    champ: dict[str, Any] | None,
     champ_mv: Any,
     why: list[str],
     cfg: DeployConfig,
+    comparisons: list[Comparison],
 ) -> str:
     head = (
         f"# {name} version {version}: "
@@ -438,4 +470,9 @@ def _report(
     for k in GATED:
         other = f"{champ[k]:.4f}" if champ else "(none)"
         rows.append(f"| {k} | {cand[k]:.4f} | {other} | {allowed[k]} |")
-    return head + "\n".join(rows) + "\n" + "".join(f"\n- {w}" for w in why) + "\n"
+    out = head + "\n".join(rows) + "\n" + "".join(f"\n- {w}" for w in why) + "\n"
+    if comparisons:  # the paired comparisons the decision used, with their intervals
+        out += "\n" + markdown("paired comparison with the champion", comparisons).replace(
+            "# ", "## ", 1
+        )
+    return out

@@ -216,7 +216,9 @@ def align(
             shutil.copytree(policy_final, tmp / "model")
             after = run_remote(evaluate_policy, cfg.scaling, str(tmp / "model"), str(sft_dir), *ev)
         for name, value in (("before", before), ("after", after)):
-            metrics.update({f"eval/{k}_{name}": float(v) for k, v in value.items()})
+            metrics.update(
+                {f"eval/{k}_{name}": float(v) for k, v in value.items() if not isinstance(v, list)}
+            )
         metrics.update({k: float(v) for k, v in algo_metrics.items() if isinstance(v, int | float)})
         tracking.log_metrics(uri, run_id, metrics, step=cfg.max_steps)
         if (final / "rlaif.jsonl").is_file():

@@ -288,6 +288,29 @@ def pytest_xdist_make_scheduler(config, log):
     return ChainWorkerAlone(config, log)
 
 
+# The chain module is the suite's critical path (its worker runs it from the first minute
+# to the last); everything else fills the time around it. So the other worker, and every
+# process it starts, runs at a lower CPU priority (nice +N): when both compete for the cores
+# the chain goes first, and the other worker's tests take the cores whenever the chain waits
+# (engine and Ray starts, I/O). A worker lowers itself at its first test outside the chain
+# module, if it has run no chain test (niceness cannot be raised back without privileges).
+# LIFECYCLE_TEST_NICE=0 turns it off.
+_NICE = int(os.environ.get("LIFECYCLE_TEST_NICE", "5"))
+_ran_chain = False
+_niced = False
+
+
+def pytest_runtest_setup(item):
+    global _ran_chain, _niced
+    if not os.environ.get("PYTEST_XDIST_WORKER") or _niced:
+        return
+    if item.nodeid.startswith(CHAIN_MODULE):
+        _ran_chain = True
+    elif not _ran_chain and _NICE > 0:
+        os.nice(_NICE)
+        _niced = True
+
+
 # Where the suite's time goes: LIFECYCLE_TEST_TIMELINE=FILE appends one line per test phase,
 # "worker start end phase nodeid" (epoch seconds), and one per worker for its session start
 # and end, so idle stretches between tests show up (pytest's --durations counts tests only).

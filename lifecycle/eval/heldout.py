@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lifecycle.eval.generate import left_pad
-from lifecycle.eval.lm import ScoreRows, mean_nll_rows
+from lifecycle.eval.lm import ScoreRows, nll_rows
 
 GATED_SET = "answers"
 """The scoring set whose perplexity is `perplexity` in the summary (the one gates use)."""
@@ -63,8 +63,8 @@ def evaluate_torch(
             eos_token_id=tok.eos_token_id,
         )
         outputs += [tok.decode(r, skip_special_tokens=True).strip() for r in gen[:, ids.shape[1] :]]
-    losses = {k: mean_nll_rows(model, rows, tok.pad_token_id) for k, rows in score_sets.items()}
-    return _summary(outputs, answers, losses, engine="torch")
+    per_row = {k: nll_rows(model, rows, tok.pad_token_id) for k, rows in score_sets.items()}
+    return _summary(outputs, answers, per_row, engine="torch")
 
 
 def evaluate_vllm(
@@ -103,27 +103,38 @@ def evaluate_vllm(
         )
         outputs = [o.outputs[0].text.strip() for o in outs]
         score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        losses = {}
+        per_row = {}
         for name, rows in score_sets.items():
             outs = llm.generate(
                 [TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in rows], score, use_tqdm=False
             )
-            nll, n = 0.0, 0
-            for o, (ids, start) in zip(outs, rows, strict=True):
-                for pos in range(start, len(ids)):
-                    nll -= o.prompt_logprobs[pos][ids[pos]].logprob
-                    n += 1
-            losses[name] = nll / max(1, n)
+            per_row[name] = [
+                (
+                    -sum(
+                        o.prompt_logprobs[pos][ids[pos]].logprob for pos in range(start, len(ids))
+                    ),
+                    len(ids) - start,
+                )
+                for o, (ids, start) in zip(outs, rows, strict=True)
+            ]
     finally:
         del llm
         gc.collect()
-    return _summary(outputs, answers, losses, engine="vllm")
+    return _summary(outputs, answers, per_row, engine="vllm")
 
 
 def _summary(
-    outputs: list[str], answers: Sequence[str], losses: dict[str, float], engine: str
+    outputs: list[str],
+    answers: Sequence[str],
+    per_row: dict[str, list[tuple[float, int]]],
+    engine: str,
 ) -> dict:
+    """The measurements, with the per-item figures paired comparisons use: `row_nll` (each
+    scoring set's (NLL sum, tokens) per row) beside the greedy `outputs`."""
     em = sum(o == a.strip() for o, a in zip(outputs, answers, strict=True)) / max(1, len(answers))
+    losses = {
+        k: sum(s for s, _ in rows) / max(1, sum(n for _, n in rows)) for k, rows in per_row.items()
+    }
     ppl = {k: math.exp(min(v, 50)) for k, v in losses.items()}
     return {
         "engine": engine,
@@ -131,6 +142,7 @@ def _summary(
         "perplexity": ppl.get(GATED_SET, next(iter(ppl.values()), float("nan"))),
         "perplexities": ppl,
         "outputs": outputs,
+        "row_nll": per_row,
     }
 
 

@@ -1,8 +1,9 @@
 """Held-out loss of a causal LM: the one definition every stage uses.
 
-    from lifecycle.eval.lm import nll_sum, mean_nll_rows
+    from lifecycle.eval.lm import nll_sum, mean_nll_rows, nll_rows
     total, tokens = nll_sum(model, ids, labels, mask)       # one batch, labels IGNORE-masked
     loss = mean_nll_rows(model, [(ids, start), ...], pad)   # ragged rows scored from `start`
+    per_row = nll_rows(model, [(ids, start), ...], pad)     # [(nll sum, tokens)] per row
 
 The training loop sums `nll_sum` over ranks (lifecycle/training.py `evaluate`); the held-out
 evaluation of finished models (lifecycle/eval/heldout.py) scores ragged rows with
@@ -52,10 +53,11 @@ def padding_mask(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> float:
-    """Mean −log p per scored token over ragged rows (right-padded per batch)."""
+def nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> list[tuple[float, int]]:
+    """(sum of −log p over its scored tokens, their count) of each ragged row (right-padded
+    per batch): per-item figures for paired comparisons."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         width = max(len(ids) for ids, _ in chunk)
@@ -66,6 +68,17 @@ def mean_nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> flo
             x[r, : len(ids)] = torch.tensor(ids)
             y[r, start : len(ids)] = torch.tensor(ids[start:])
             mask[r, : len(ids)] = 1
-        nll, n = nll_sum(model, x.to(device), y.to(device), mask.to(device))
-        total, count = total + nll, count + n
-    return total / max(1, count)
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
+        target = y[:, 1:].to(device)
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
+        )
+        sums, counts = nll.sum(1).tolist(), (target != IGNORE).sum(1).tolist()
+        out += list(zip(sums, counts, strict=True))
+    return out
+
+
+def mean_nll_rows(model: Any, rows: ScoreRows, pad: int, batch: int = 32) -> float:
+    """Mean −log p per scored token over ragged rows."""
+    per_row = nll_rows(model, rows, pad, batch)
+    return sum(s for s, _ in per_row) / max(1, sum(n for _, n in per_row))

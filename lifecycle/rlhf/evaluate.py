@@ -29,8 +29,8 @@ def evaluate_policy(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean judge reward of sampled responses, KL to the reference on them, response length
-    and greedy exact-match of a policy dir, on `device` (default: this task's GPU if it has
+    """Mean judge reward of sampled responses (and per prompt), KL to the reference on them,
+    response length and greedy exact-match of a policy dir, on `device` (default: this task's GPU if it has
     one) in `dtype` (default: as saved)."""
     torch.manual_seed(seed)
     device = device or default_device()
@@ -55,4 +55,8 @@ def evaluate_policy(
         "kl": sum(kls) / max(lengths, 1.0),
         "response_len": lengths / max(n_tok, 1),
         "exact_match": em,
+        # rollouts are grouped by prompt: each prompt's mean over its samples (paired gates)
+        "reward_per_prompt": [
+            sum(rewards[j * samples : (j + 1) * samples]) / samples for j in range(len(prompts))
+        ],
     }

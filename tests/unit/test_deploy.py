@@ -10,20 +10,61 @@ from lifecycle import tracking
 from lifecycle.config import DeployConfig, ServeConfig
 from tests.conftest import LIFECYCLE, ROOT
 
-CHAMP = {"exact_match": 0.80, "perplexity": 2.0, "reward": 0.75}
+
+def _evaluation(em: list[float], nll: list[float], reward: list[float]) -> dict:
+    """What evaluate_for_promotion returns, from per-prompt figures (4 answer tokens each)."""
+    import math
+
+    return {
+        "exact_match": sum(em) / len(em),
+        "perplexity": math.exp(sum(nll) / len(nll)),
+        "reward": sum(reward) / len(reward),
+        "items": {
+            "exact_match": em,
+            "neg_nll_per_token": [-x for x in nll],
+            "answer_tokens": [4.0] * len(em),
+            "reward": reward,
+        },
+    }
 
 
-def test_gate_passes_within_margins_and_names_each_worse_metric():
+def test_gate_pairs_each_prompt_with_the_champions_and_names_each_worse_metric():
+    import random
+
     from tasks.deploy import gate
 
-    cfg = DeployConfig()
-    assert gate(CHAMP, None, cfg) == []  # no champion yet: promote
-    assert gate({"exact_match": 0.79, "perplexity": 2.05, "reward": 0.74}, CHAMP, cfg) == []
-    worse = gate({"exact_match": 0.70, "perplexity": 2.5, "reward": 0.60}, CHAMP, cfg)
-    assert len(worse) == 3
-    assert "exact match 0.700 vs champion 0.800" in worse[0]
-    assert "ratio 1.250 > 1.05" in worse[1]
-    assert "mean reward 0.600" in worse[2]
+    cfg = DeployConfig()  # the shipped margins: 0.02 EM, perplexity ratio 1.05, 0.02 reward
+    rng = random.Random(0)
+    em = [float(rng.random() < 0.8) for _ in range(200)]
+    nll = [rng.uniform(0.5, 1.0) for _ in range(200)]
+    reward = [rng.choice([0.0, 0.5, 1.0]) for _ in range(200)]
+    champ = _evaluation(em, nll, reward)
+    assert gate(champ, None, cfg) == ([], [])  # no champion yet: promote
+    why, comps = gate(_evaluation(em, nll, reward), champ, cfg)  # the same model again
+    assert why == [] and [c.metric for c in comps] == [
+        "exact_match",
+        "answer_log_likelihood",
+        "reward",
+    ]
+    assert all(c.diff == 0 and c.low == c.high == 0 for c in comps)
+    # One answer of 200 lost (drop 0.005), within every margin.
+    near = em.copy()
+    near[em.index(1.0)] = 0.0
+    assert gate(_evaluation(near, nll, reward), champ, cfg)[0] == []
+    # Clearly worse on each: a fifth of the answers lost, every NLL up by 0.2 (perplexity
+    # ratio e^0.2 = 1.22), rewards down by 0.25.
+    worse_em = [0.0 if i % 5 == 0 else x for i, x in enumerate(em)]
+    worse = _evaluation(worse_em, [x + 0.2 for x in nll], [max(0.0, r - 0.25) for r in reward])
+    why, comps = gate(worse, champ, cfg)
+    assert len(why) == 3 and not any(c.passed for c in comps), why
+    assert why[0].startswith(f"exact match {worse['exact_match']:.3f} vs champion 0.")
+    assert "its 95% bound" in why[0] and "below -0.02 (allowed drop)" in why[0]
+    assert "limit ratio 1.05" in why[1] and why[2].startswith("mean reward")
+    # The absolute floor applies with or without a champion.
+    cfg = DeployConfig(gate={"min_exact_match": 0.9})
+    assert gate(champ, None, cfg)[0] == [
+        f"exact match {champ['exact_match']:.3f} below the floor 0.9"
+    ]
 
 
 def _registry(tmp_path, versions: int) -> tuple[str, str]:

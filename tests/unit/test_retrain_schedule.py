@@ -116,12 +116,26 @@ def test_last_trained_data_is_the_newest_version_that_records_it(tmp_path):
 def test_gate_floor_applies_with_and_without_a_champion():
     from tasks.deploy import gate
 
+    def evaluation(em: float) -> dict:  # 10 prompts, each with its own figures
+        items = [1.0] * round(em * 10) + [0.0] * (10 - round(em * 10))
+        return {
+            "exact_match": em,
+            "perplexity": 2.0,
+            "reward": 0.75,
+            "items": {
+                "exact_match": items,
+                "neg_nll_per_token": [-0.69] * 10,
+                "answer_tokens": [3.0] * 10,
+                "reward": [0.75] * 10,
+            },
+        }
+
     cfg = DeployConfig(gate={"min_exact_match": 0.75})
-    good = {"exact_match": 0.80, "perplexity": 2.0, "reward": 0.75}
-    low = {**good, "exact_match": 0.70}
-    assert gate(good, None, cfg) == []
-    assert gate(low, None, cfg) == ["exact match 0.700 below the floor 0.75"]
-    assert gate(low, low, cfg) == ["exact match 0.700 below the floor 0.75"]
+    good, low = evaluation(0.8), evaluation(0.7)
+    assert gate(good, None, cfg) == ([], [])
+    assert gate(low, None, cfg)[0] == ["exact match 0.700 below the floor 0.75"]
+    why, comps = gate(low, low, cfg)  # as good as the champion, still under the floor
+    assert why == ["exact match 0.700 below the floor 0.75"] and all(c.passed for c in comps)
 
 
 def test_a_registry_source_is_the_parent_in_the_lineage():
