@@ -630,15 +630,25 @@ class RLHFConfig(TrainingConfig):
 # --------------------------------------------------------------------------------------------
 
 
-class GateConfig(_Strict):
+class PairedGate(_Strict):
+    """How a gate decides on a drop: both models answer the same items, and a metric fails
+    only when a paired bootstrap over them puts its drop beyond the margin with this
+    confidence (lifecycle/eval/stats.py)."""
+
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided, of each drop")
+    resamples: int = Field(2000, ge=100, description="bootstrap resamples")
+    seed: int = 0
+
+
+class GateConfig(PairedGate):
     """What a compressed model may lose against the model it replaces, measured on held-out
-    data; a model beyond any limit fails the gate."""
+    data; a model whose loss is beyond a limit (at the gate's confidence) fails."""
 
     max_exact_match_drop: float = Field(
         0.08, ge=0, le=1, description="task exact-match, absolute (0.03 = 3 points)"
     )
     max_perplexity_ratio: float | None = Field(
-        1.5, gt=0, description="held-out perplexity after / before; null: not gated"
+        1.5, ge=1, description="held-out answer perplexity after / before; null: not gated"
     )
     min_agreement: float | None = Field(
         None,
@@ -922,8 +932,9 @@ class ServeConfig(_Strict):
     )
 
 
-class PromotionGateConfig(_Strict):
-    """How much worse than the current champion a candidate may be and still be promoted."""
+class PromotionGateConfig(PairedGate):
+    """How much worse than the current champion a candidate may be and still be promoted
+    (each drop judged per prompt at the gate's confidence)."""
 
     max_exact_match_drop: float = Field(0.02, ge=0, le=1)
     max_perplexity_ratio: float = Field(1.05, ge=1, description="answer perplexity vs champion")
@@ -931,12 +942,6 @@ class PromotionGateConfig(_Strict):
     min_exact_match: float | None = Field(
         None, ge=0, le=1, description="absolute floor, champion or not (null: none)"
     )
-    # The drops are judged per prompt against the champion's answers to the same prompts
-    # (paired bootstrap, lifecycle/eval/stats.py): a metric fails only when its drop is
-    # beyond the margin with this confidence.
-    confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided, of each drop")
-    resamples: int = Field(2000, ge=100, description="bootstrap resamples")
-    seed: int = 0
 
 
 class DeployConfig(_Strict):

@@ -184,7 +184,7 @@ def quantize(
             from lifecycle.compress.gate import gate_markdown, judge
             from lifecycle.eval.heldout import agreement
 
-            verdict = judge(pairs, cfg.gate)
+            verdict = judge(pairs, cfg.gate, answers)
             for engine, (b, a) in pairs.items():
                 metrics[f"{engine}/exact_match_before"] = b["exact_match"]
                 metrics[f"{engine}/exact_match_after"] = a["exact_match"]

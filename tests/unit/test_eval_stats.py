@@ -87,3 +87,37 @@ def test_bad_inputs_are_named():
     assert perplexity_ratio_margin(1.05) == pytest.approx(math.log(1.05))
     with pytest.raises(ValueError, match="ratio limit is >= 1"):
         perplexity_ratio_margin(0.9)
+
+
+def test_the_compression_gate_judges_each_engine_per_prompt():
+    from lifecycle.compress.gate import gate_markdown, judge
+    from lifecycle.config import GateConfig
+
+    answers = [f"w{i}" for i in range(200)]
+
+    def summary(outputs: list[str], nll: float) -> dict:
+        rows = [(nll * 3, 3)] * len(outputs)
+        return {
+            "exact_match": sum(o == a for o, a in zip(outputs, answers, strict=True)) / 200,
+            "perplexity": math.exp(nll),
+            "outputs": outputs,
+            "row_nll": {"answers": rows},
+        }
+
+    src = summary([a if i % 4 else "x" for i, a in enumerate(answers)], 1.0)  # EM 0.75
+    # Unchanged answers and likelihoods: passes even a gate with no margin at all.
+    strict = GateConfig(max_exact_match_drop=0.0, max_perplexity_ratio=1.0)
+    same = judge({"torch": (src, src)}, strict, answers)
+    assert same["passed"] and [r["interval"] for r in same["rows"][:2]] == [[0, 0], [0, 0]]
+    # Two answers of 200 lost (0.01) under the shipped 0.05 margin: within it.
+    two = [("x" if i in (1, 2) else o) for i, o in enumerate(src["outputs"])]
+    assert judge({"vllm": (src, summary(two, 1.0))}, GateConfig(), answers)["passed"]
+    # A fifth of the answers lost and every answer less likely (perplexity x e^0.3 = 1.35):
+    # both fail at the 1.2 ratio / 0.05 drop, each with its bound.
+    bad = summary([("x" if i % 5 == 1 else o) for i, o in enumerate(src["outputs"])], 1.3)
+    verdict = judge({"torch": (src, bad)}, GateConfig(max_perplexity_ratio=1.2), answers)
+    assert not verdict["passed"] and len(verdict["failures"]) == 2, verdict["failures"]
+    assert verdict["failures"][0].startswith("torch exact_match: 0.75 -> ")
+    assert "its 95% bound" in verdict["failures"][1] and "ratio <= 1.2" in verdict["failures"][1]
+    table = gate_markdown("quantize w8a8", verdict, {})
+    assert table.startswith("# quantize w8a8: FAILED") and "| torch | perplexity |" in table
