@@ -637,7 +637,7 @@ class PairedGate(_Strict):
 
     confidence: float = Field(0.95, ge=0.5, lt=1, description="one-sided, of each drop")
     resamples: int = Field(2000, ge=100, description="bootstrap resamples")
-    seed: int = 0
+    seed: int = Field(0, description="the bootstrap's resampling seed")
 
 
 class GateConfig(PairedGate):
@@ -819,7 +819,7 @@ class PipelineConfig(_Strict):
         return getattr(self, stage)
 
 
-class WatermarkConfig(_Strict):
+class WatermarkConfig(PairedGate):
     """The text watermark's settings (attached to the shipped model version for serving) and
     the checks the watermark stage runs on the shipped model. The key is never here."""
 

@@ -33,6 +33,7 @@ from lifecycle import tracking
 from lifecycle.artifacts import RunContext, StageResult
 from lifecycle.config import WatermarkConfig
 from lifecycle.data.instruct import demo_prompts
+from lifecycle.eval.stats import compare
 from lifecycle.models import chat_tokenizer
 from lifecycle.registry import parent_model, watermark_tags
 from lifecycle.stages import shipped_model
@@ -227,11 +228,24 @@ def watermark(
                     f"false-positive rate {metrics['watermark/false_positive_rate']:.3f} > "
                     f"{cfg.max_false_positive_rate:g}"
                 )
-            drop = out["em_off"] - out["em_on"]
-            if drop > cfg.max_exact_match_drop:
+            # The same prompts with and without the watermark: judged per prompt, the drop
+            # fails only when beyond the limit at cfg.confidence (lifecycle/eval/stats.py).
+            em = compare(
+                "exact_match",
+                [float(t == a.strip()) for t, a in zip(out["texts_on"], answers, strict=True)],
+                [float(t == a.strip()) for t, a in zip(out["texts_off"], answers, strict=True)],
+                cfg.max_exact_match_drop,
+                confidence=cfg.confidence,
+                resamples=cfg.resamples,
+                seed=cfg.seed,
+            )
+            metrics["watermark/exact_match_drop_bound"] = -em.bound
+            if not em.passed:
                 failures.append(
                     f"exact-match with the watermark {out['em_on']:.3f} vs {out['em_off']:.3f} "
-                    f"without (drop {drop:.3f} > {cfg.max_exact_match_drop:g})"
+                    f"without: difference {em.diff:+.3f} [{em.low:+.3f}, {em.high:+.3f}], its "
+                    f"{em.confidence:.0%} bound {em.bound:+.3f} is below "
+                    f"-{cfg.max_exact_match_drop:g}"
                 )
             if "shipped" in fp and fp["shipped"]["matched"] < fp["shipped"]["total"]:
                 failures.append(
@@ -246,7 +260,7 @@ def watermark(
                 f"| false-positive rate | {metrics['watermark/false_positive_rate']:.3f} | <= {cfg.max_false_positive_rate:g} |",
                 f"| mean z on / off | {metrics['watermark/z_mean_on']:.2f} / {metrics['watermark/z_mean_off']:.2f} | |",
                 f"| perplexity on / off (plain model) | {metrics['watermark/perplexity_on']:.3f} / {metrics['watermark/perplexity_off']:.3f} | |",
-                f"| exact match on / off | {out['em_on']:.3f} / {out['em_off']:.3f} | drop <= {cfg.max_exact_match_drop:g} |",
+                f"| exact match on / off | {out['em_on']:.3f} / {out['em_off']:.3f} (on - off {em.diff:+.3f}, [{em.low:+.3f}, {em.high:+.3f}] {em.confidence:.0%}) | drop <= {cfg.max_exact_match_drop:g} |",
                 *(
                     f"| fingerprint on {w} model | {r['matched']}/{r['total']} | all on shipped |"
                     for w, r in fp.items()
