@@ -73,7 +73,6 @@ def test_sft_stage(ray_session, tiny_model, instruct_files, make_ctx, method):
     assert m["malformed_rejected"] == 5
     assert m["extra_pairs"] == 2
     assert m["eval/loss_after"] < m["eval/loss_before"]
-    assert 0 <= m["eval/exact_match_before"] <= 1 and 0 <= m["eval/exact_match_after"] <= 1
     assert m["eval/exact_match_n"] >= 20
     assert dir_manifest(tiny_model.artifact_uri)["digest"] == base_files  # base untouched
 

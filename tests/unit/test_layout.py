@@ -121,7 +121,7 @@ def test_every_lifecycle_module_and_algorithm_step_runs_without_ray_prefect_mlfl
     assert got["reward"]["losses"][-1] < got["reward"]["losses"][0]
     dpo = got["dpo"]["losses"]
     assert dpo[-1] < dpo[0] and got["dpo"]["passed"]  # passed: the reference did not move
-    assert got["grpo"]["passed"] and got["grpo"]["kl"] >= 0
+    assert got["grpo"]["passed"] and got["grpo"]["kl"] > 0  # moved away from the reference
     vl = got["ppo"]["value_losses"]
     assert min(vl[1:]) < 0.5 * vl[0] and got["ppo"]["passed"]
     c = got["compress"]
