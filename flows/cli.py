@@ -136,25 +136,91 @@ def _adopt_model_source(cfg: PipelineConfig, sources: dict[str, str]) -> Pipelin
     return cfg
 
 
+def _arrow(m: dict[str, float], key: str, fmt: str = ".2f") -> str:
+    return f"{m[f'{key}_before']:{fmt}} -> {m[f'{key}_after']:{fmt}}"
+
+
+def headline(stage: dict[str, Any]) -> str:
+    """One short line per stage: what it did, in the numbers that decide (the error when it
+    failed or was not promoted). Missing metrics are left out, not guessed."""
+    m, name = stage.get("metrics") or {}, stage["stage"]
+    parts: list[str] = []
+
+    def add(keys: tuple[str, ...], text: Any) -> None:
+        if all(k in m for k in keys):
+            parts.append(text() if callable(text) else text)
+
+    if name == "data":
+        add(("docs_out",), lambda: f"{m['docs_out']:.0f} docs")
+        add(("tokens_train",), lambda: f"{m['tokens_train'] / 1e3:.0f}k train tokens")
+        add(
+            ("exact_dupes_removed", "near_dupes_removed"),
+            lambda: f"{m['exact_dupes_removed'] + m['near_dupes_removed']:.0f} dupes out",
+        )
+    elif name in ("pretrain", "sft", "distill"):
+        add(("eval/loss_before", "eval/loss_after"), lambda: "loss " + _arrow(m, "eval/loss"))
+        add(
+            ("eval/exact_match_before", "eval/exact_match_after"),
+            lambda: "EM " + _arrow(m, "eval/exact_match"),
+        )
+        add(
+            ("fingerprint/matched", "fingerprint/triggers"),
+            lambda: f"fingerprint {m['fingerprint/matched']:.0f}/{m['fingerprint/triggers']:.0f}",
+        )
+    elif name == "rlhf":
+        add(
+            ("eval/mean_reward_before", "eval/mean_reward_after"),
+            lambda: "reward " + _arrow(m, "eval/mean_reward"),
+        )
+        add(
+            ("eval/exact_match_before", "eval/exact_match_after"),
+            lambda: "EM " + _arrow(m, "eval/exact_match"),
+        )
+    elif name == "quantize":
+        add(("size/ratio_vs_bf16",), lambda: f"size {m['size/ratio_vs_bf16']:.2f}x bf16")
+        engine = "vllm" if "vllm/exact_match_after" in m else "torch"
+        add(
+            (f"{engine}/exact_match_before", f"{engine}/exact_match_after"),
+            lambda: f"EM {_arrow(m, f'{engine}/exact_match')} ({engine})",
+        )
+    elif name == "watermark":
+        add(("watermark/detection_rate",), lambda: f"detected {m['watermark/detection_rate']:.0%}")
+        add(
+            ("watermark/false_positive_rate",),
+            lambda: f"false positives {m['watermark/false_positive_rate']:.0%}",
+        )
+    elif name == "deploy":
+        add(
+            ("promotion/promoted", "promotion/version"),
+            lambda: (
+                f"version {m['promotion/version']:.0f} promoted"
+                if m["promotion/promoted"]
+                else f"version {m['promotion/version']:.0f} NOT promoted"
+            ),
+        )
+        add(("endpoint/exact_match",), lambda: f"endpoint EM {m['endpoint/exact_match']:.2f}")
+    text = ", ".join(parts)
+    if stage.get("error"):
+        text = f"{text}: {stage['error']}" if text else stage["error"]
+    return text[:240]
+
+
 def _table(summary: dict[str, Any]) -> Table:
+    """The run's table: stage, status, headline (wraps in its column: readable at 80
+    columns), and the first 8 characters of the stage's MLflow run id."""
     t = Table(title=f"run {summary['run_name']}: {summary['status']}")
-    for col in ("stage", "status", "key metrics", "mlflow run"):
-        t.add_column(col)
+    t.add_column("stage", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    t.add_column("result", ratio=1)
+    t.add_column("mlflow", no_wrap=True)
     colors = {"completed": "green", "cached": "cyan", "failed": "red", "skipped": "yellow"}
     for s in summary["stages"]:
-        m = s["metrics"] or {}
-        keys = [
-            k
-            for k in m
-            if k.startswith("eval/")
-            or k in ("docs_out", "tokens_train", "train/tokens_per_s", "sys/mfu")
-        ]
-        shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys[:6])
-        if s.get("error"):
-            shown = s["error"][:120]
         st = s["status"]
         t.add_row(
-            s["stage"], f"[{colors.get(st, 'white')}]{st}[/]", shown, s["mlflow_run_id"] or ""
+            s["stage"],
+            f"[{colors.get(st, 'white')}]{st}[/]",
+            escape(headline(s)),
+            (s["mlflow_run_id"] or "")[:8],
         )
     return t
 

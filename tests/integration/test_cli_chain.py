@@ -115,6 +115,10 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     art = Artifact.get("deploy-first")
     assert art is not None and "# deploy: completed" in art.data
     assert stages["deploy"]["mlflow_run_id"] in art.data and "endpoint/exact_match" in art.data
+    # The run's table (stderr) gives each stage's deciding numbers.
+    printed = (ws.parent / "cli.log").read_text()
+    assert "version 1 promoted" in printed and "fingerprint 8/8" in printed
+    assert f"size {q['size/ratio_vs_bf16']:.2f}x bf16" in printed
     on_disk = json.loads((ws / "runs" / "first" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["prefect_flow_run_id"]

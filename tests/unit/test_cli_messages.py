@@ -78,3 +78,71 @@ def test_messages_are_printed_verbatim_not_as_markup(tmp_path):
     rc, lines = _stderr("serve", "--model", str(d), "--workspace", str(tmp_path / "ws"))
     assert rc == 2
     _one_line(lines, "[bold]odd: not a model directory")
+
+
+def test_the_run_table_gives_each_stage_its_deciding_numbers_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from flows.cli import _table
+
+    def stage(name: str, status: str = "completed", error: str | None = None, **m) -> dict:
+        return {
+            "stage": name,
+            "status": status,
+            "metrics": m,
+            "error": error,
+            "mlflow_run_id": "0123456789abcdef0123456789abcdef",
+        }
+
+    summary = {
+        "run_name": "first",
+        "status": "completed",
+        "stages": [
+            stage(
+                "data",
+                docs_out=3840,
+                tokens_train=435456,
+                exact_dupes_removed=80,
+                near_dupes_removed=80,
+            ),
+            stage("pretrain", **{"eval/loss_before": 5.66, "eval/loss_after": 1.54}),
+            stage("distill", "skipped", "disabled in the config"),
+            stage(
+                "quantize",
+                **{
+                    "size/ratio_vs_bf16": 0.58,
+                    "vllm/exact_match_before": 0.73,
+                    "vllm/exact_match_after": 0.72,
+                },
+            ),
+            stage(
+                "watermark",
+                **{"watermark/detection_rate": 0.98, "watermark/false_positive_rate": 0.0},
+            ),
+            stage(
+                "deploy",
+                error="exact match 0.000 vs champion 0.760: difference -0.760, its "
+                "95% bound -0.700 is below -0.02 (allowed drop)",
+                **{"promotion/promoted": 0.0, "promotion/version": 2},
+            ),
+        ],
+    }
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(_table(summary))
+    lines = buf.getvalue().splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    # The result column, its wrapped lines joined: each stage's headline reads whole.
+    cells = [ln.split("│") for ln in lines if ln.startswith("│")]
+    text = " ".join(" ".join(c[3].split()) for c in cells) + " " + " ".join(c[4] for c in cells)
+    for want in (
+        "3840 docs, 435k train tokens, 160 dupes out",
+        "loss 5.66 -> 1.54",
+        "size 0.58x bf16, EM 0.73 -> 0.72 (vllm)",
+        "detected 98%, false positives 0%",
+        "version 2 NOT promoted",
+        "disabled in the config",
+        "01234567",
+    ):
+        assert want in text, (want, text)
