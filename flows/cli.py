@@ -75,6 +75,48 @@ def validate(config: str, set_: SetOpt = None) -> None:
     err.print(f"[green]ok[/green]: {config} (stages: {', '.join(enabled) or 'none'})")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="A model dir, or models:/NAME/VERSION|@ALIAS.")],
+    suite: Annotated[str, typer.Option(help="A suite named under the config's eval_suites.")],
+    config: Annotated[str, typer.Option(help="Pipeline YAML with the suite.")] = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    workspace: Annotated[
+        str, typer.Option(help="Workspace whose registry resolves models:/ URIs.")
+    ] = ".lifecycle",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Runs one evaluation suite on a model in this process; prints each metric's mean."""
+    try:
+        cfg = load_config(find_config(config), set_ or [])
+    except ConfigError as e:
+        _fail_config(e)
+    if suite not in cfg.eval_suites:
+        _error(
+            f"no suite {suite!r} in {config}: its eval_suites are "
+            f"{sorted(cfg.eval_suites) or '(none)'}"
+        )
+        raise typer.Exit(2)
+    model_dir = _model_dir(model, workspace)
+    from lifecycle.eval.suites import run_suite
+
+    try:
+        res = run_suite(model_dir, cfg.eval_suites[suite], cfg)
+    except ValueError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    out = {"model": model, "suite": suite, "n": res["n"], "metrics": res["metrics"]}
+    if json_out:
+        print(json.dumps(out, indent=2))
+        return
+    t = Table(title=f"{suite} on {model} ({res['n']} items)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in res["metrics"].items():
+        t.add_row(k, f"{v:.4f}")
+    err.print(t)
+
+
 def _parse_stages(stages: str | None) -> list[str] | None:
     if stages is None:
         return None

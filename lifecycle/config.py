@@ -773,6 +773,43 @@ class QuantizeConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
+class EvalFile(_Strict):
+    """A file of evaluation items: chat (`messages`, the last one the assistant's reference),
+    Alpaca (`instruction`/`input`/`output`) or prompt-answer (`prompt`/`answer`) records."""
+
+    path: str
+    format: Literal["chat", "alpaca", "prompt_answer"] = "chat"
+    storage: Literal["jsonl", "hf_disk"] = "jsonl"
+
+
+SUITE_METRICS = ("exact_match", "token_f1", "rouge_l", "answer_nll")
+
+
+class EvalSuite(_Strict):
+    """A named evaluation: where its items come from and what is measured on them.
+
+    `demo`: held-out demo-task pairs; `heldout`: the held-out split of the SFT inputs (the
+    records the SFT stage keeps out of training: `sft.data.val_fraction`); `files`: the
+    user's own eval files."""
+
+    source: Literal["demo", "heldout", "files"]
+    demo_tasks: list[str] | None = None
+    files: list[EvalFile] = Field(default_factory=list)
+    max_items: int = Field(200, ge=1)
+    metrics: list[Literal["exact_match", "token_f1", "rouge_l", "answer_nll"]] = Field(
+        default_factory=lambda: ["exact_match"], min_length=1
+    )
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _files_for_files(self) -> EvalSuite:
+        if (self.source == "files") != bool(self.files):
+            raise ValueError("`files` is for (and needed by) source: files")
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     cluster: ClusterConfig = ClusterConfig()
@@ -787,9 +824,18 @@ class PipelineConfig(_Strict):
     quantize: QuantizeConfig | None = None
     watermark: WatermarkConfig | None = None
     deploy: DeployConfig | None = None
+    eval_suites: dict[str, EvalSuite] = Field(
+        default_factory=dict, description="named evaluations: `lifecycle eval MODEL --suite NAME`"
+    )
 
     @model_validator(mode="after")
     def _cross_stage(self) -> PipelineConfig:
+        for name, suite in self.eval_suites.items():
+            if suite.source == "heldout" and (self.sft is None or not self.sft.data.inputs):
+                raise ValueError(
+                    f"eval_suites.{name}: source heldout is the held-out split of "
+                    "sft.data.inputs, and there are none"
+                )
         if self.data is not None and self.pretrain is not None:
             need = self.data.block_size
             facts = self.pretrain.model.facts()
