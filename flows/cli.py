@@ -77,7 +77,13 @@ def validate(config: str, set_: SetOpt = None) -> None:
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Argument(help="A model dir, or models:/NAME/VERSION|@ALIAS.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A model dir, models:/NAME/VERSION|@ALIAS, or an OpenAI-compatible server's "
+            "URL (http[s]://HOST:PORT; its key from $LIFECYCLE_API_KEY)."
+        ),
+    ],
     suite: Annotated[str, typer.Option(help="A suite named under the config's eval_suites.")],
     config: Annotated[str, typer.Option(help="Pipeline YAML with the suite.")] = DEFAULT_CONFIG,
     set_: SetOpt = None,
@@ -97,15 +103,20 @@ def eval_(
             f"{sorted(cfg.eval_suites) or '(none)'}"
         )
         raise typer.Exit(2)
-    model_dir = _model_dir(model, workspace)
-    from lifecycle.eval.suites import run_suite
+    from lifecycle.eval.suites import run_suite, run_suite_on_endpoint
 
     try:
-        res = run_suite(model_dir, cfg.eval_suites[suite], cfg)
+        if model.startswith(("http://", "https://")):
+            key = os.environ.get("LIFECYCLE_API_KEY")
+            res = run_suite_on_endpoint(model, cfg.eval_suites[suite], cfg, key)
+        else:
+            res = run_suite(_model_dir(model, workspace), cfg.eval_suites[suite], cfg)
     except ValueError as e:
         _error(str(e))
         raise typer.Exit(2) from None
     out = {"model": model, "suite": suite, "n": res["n"], "metrics": res["metrics"]}
+    if res.get("unmeasured"):
+        out["unmeasured"] = res["unmeasured"]
     if json_out:
         print(json.dumps(out, indent=2))
         return
@@ -114,6 +125,8 @@ def eval_(
     t.add_column("value", justify="right")
     for k, v in res["metrics"].items():
         t.add_row(k, f"{v:.4f}")
+    for k in res.get("unmeasured", []):
+        t.add_row(k, "not measured through an endpoint")
     err.print(t)
 
 

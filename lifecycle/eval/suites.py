@@ -1,7 +1,7 @@
 """Evaluation suites: named sets of (prompt, reference answer) items and the metrics measured
 on them, run on a model directory in-process (transformers, batched).
 
-    lifecycle eval MODEL_DIR|models:/NAME/VERSION --suite NAME [--config C] [--json]
+    lifecycle eval MODEL_DIR|models:/NAME/VERSION|http://HOST:PORT --suite NAME [--json]
 
     from lifecycle.eval.suites import suite_items, run_suite
     items = suite_items(cfg.eval_suites["tasks"], cfg, tokenizer)
@@ -13,7 +13,9 @@ records of `sft.data.inputs` that the SFT stage keeps out of training: the same 
 item's prompt is rendered with the model's own chat template. Metrics: exact match, token F1
 and ROUGE-L of the greedy answer (lifecycle/eval/metrics.py) and the answer's NLL per token
 given the prompt (`answer_nll`, reported with its perplexity). Per-item scores come back
-too, for paired gates (lifecycle/eval/stats.py).
+too, for paired gates (lifecycle/eval/stats.py). Through an OpenAI-compatible endpoint
+(`run_suite_on_endpoint`) the conversation goes to its chat API, which applies the served
+model's template; answer NLL is not measured there (listed as unmeasured).
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ def _file_items(f: EvalFile) -> list[tuple[list[dict[str, str]], str]]:
     return out
 
 
-def suite_items(
-    suite: EvalSuite, cfg: PipelineConfig, tokenizer: Any
-) -> tuple[list[str], list[str]]:
-    """(chat-rendered prompts, reference answers) of a suite, at most `max_items`."""
-    from lifecycle.data.instruct import demo_prompts, is_val, read_records, render
+def suite_messages(suite: EvalSuite, cfg: PipelineConfig) -> list[tuple[list[dict[str, str]], str]]:
+    """(the conversation up to the answer, reference answer) of each item, at most
+    `max_items`."""
+    from lifecycle.data import demo
+    from lifecycle.data.instruct import is_val, read_records
 
-    if suite.source == "demo":
-        return demo_prompts(suite.max_items, suite.seed, True, tokenizer, suite.demo_tasks)
     pairs: list[tuple[list[dict[str, str]], str]] = []
-    if suite.source == "heldout":
+    if suite.source == "demo":
+        for ex in demo.instruction_examples(suite.max_items, suite.seed, suite.demo_tasks, True):
+            pairs.append((ex["messages"][:-1], ex["messages"][-1]["content"]))
+    elif suite.source == "heldout":
         assert cfg.sft is not None  # the config check says so
         for inp in cfg.sft.data.inputs:
             for msgs, _src, why in read_records(InstructInput.model_validate(inp)):
@@ -68,10 +71,59 @@ def suite_items(
             pairs += _file_items(f)
     if not pairs:
         raise ValueError(f"the {suite.source} suite has no items")
-    pairs = pairs[: suite.max_items]
+    return pairs[: suite.max_items]
+
+
+def suite_items(
+    suite: EvalSuite, cfg: PipelineConfig, tokenizer: Any
+) -> tuple[list[str], list[str]]:
+    """(prompts rendered with `tokenizer`'s chat template, reference answers) of a suite."""
+    from lifecycle.data.instruct import render
+
+    pairs = suite_messages(suite, cfg)
     return [render(tokenizer, m, add_generation_prompt=True) for m, _ in pairs], [
         a for _, a in pairs
     ]
+
+
+ENDPOINT_METRICS = ("exact_match", "token_f1", "rouge_l")
+"""What an OpenAI-compatible endpoint's chat API lets a suite measure (no answer NLL)."""
+
+
+def run_suite_on_endpoint(
+    url: str, suite: EvalSuite, cfg: PipelineConfig, api_key: str | None, in_flight: int = 8
+) -> dict[str, Any]:
+    """A suite through any OpenAI-compatible server (`url` without /v1; the project's own
+    included): greedy chat completions, `in_flight` at a time; the first model it lists.
+    Metrics it cannot measure that way are listed under `unmeasured`."""
+    import concurrent.futures
+
+    import openai
+
+    from lifecycle.eval.metrics import score_all
+
+    pairs = suite_messages(suite, cfg)
+    client = openai.OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none")
+    model = client.models.list().data[0].id
+
+    def one(messages: list[dict[str, str]]) -> str:
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=suite.max_new_tokens, temperature=0.0
+        )
+        return (r.choices[0].message.content or "").strip()
+
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        outputs = list(pool.map(one, [m for m, _ in pairs]))
+    measured = [m for m in suite.metrics if m in ENDPOINT_METRICS]
+    items = score_all(measured, outputs, [a for _, a in pairs])
+    return {
+        "metrics": {k: sum(v) / len(v) for k, v in items.items()},
+        "n": len(pairs),
+        "items": items,
+        "outputs": outputs,
+        "model_id": model,
+        "unmeasured": [m for m in suite.metrics if m not in ENDPOINT_METRICS],
+    }
 
 
 def run_suite(

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from lifecycle.config import ServeConfig
+from tests.conftest import LIFECYCLE, ROOT
 
 pytestmark = pytest.mark.timeout(1800)
 WM = {"gamma": 0.25, "delta": 2.0, "z_threshold": 4.0}
@@ -105,6 +106,31 @@ def test_openai_client_completions_streaming_chat_and_errors(served):
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     page = httpx.get(f"{url}/", timeout=30)
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_an_eval_suite_through_the_endpoint_scores_as_the_model_in_process(served):
+    """`lifecycle eval URL --suite tasks`: the served model answering through its chat API
+    (watermark on, as served) scores as the model dir evaluated in-process, within the
+    deploy stage's own endpoint gap; answer NLL is listed as not measured there."""
+    from lifecycle.config import load_config
+    from lifecycle.eval.suites import run_suite
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "LIFECYCLE_API_KEY"}
+    p = subprocess.run(
+        [LIFECYCLE, "eval", served["url"], "--suite", "tasks", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout)
+    suite = cfg.eval_suites["tasks"]
+    assert got["n"] == suite.max_items and got["unmeasured"] == ["answer_nll"]
+    local = run_suite(served["stages"]["quantize"]["artifact_uri"], suite, cfg)
+    assert local["n"] == got["n"]
+    print("endpoint", got["metrics"], "in-process", local["metrics"])
+    for metric, value in got["metrics"].items():
+        assert abs(value - local["metrics"][metric]) <= cfg.deploy.max_endpoint_exact_match_gap, (
+            metric, value, local["metrics"][metric])  # fmt: skip
 
 
 def test_serving_metrics_reach_rays_prometheus_endpoint(served):
