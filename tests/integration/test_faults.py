@@ -408,6 +408,13 @@ class _ArgvWatch:
         return self.hits
 
 
+def _ray_temp_dir() -> Path:
+    """Where a local Ray puts its sessions: Ray's own rule ($RAY_TMPDIR, $TMPDIR, /tmp)."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return Path(get_default_ray_temp_dir())
+
+
 def _files_holding(root: Path, needle: bytes) -> list[str]:
     found = []
     for p in root.rglob("*"):
@@ -442,7 +449,8 @@ def two_runs(tracking_server, tmp_path_factory):
     uri = f"http://alice:{password}@127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     root = tmp_path_factory.mktemp("two-runs")
-    sessions_before = set(Path("/tmp/ray").glob("session_2*"))
+    ray_tmp = _ray_temp_dir()
+    sessions_before = set(ray_tmp.glob("session_2*"))
     dash = str(free_port())
     watch = _ArgvWatch(password)
     try:
@@ -469,7 +477,7 @@ def two_runs(tracking_server, tmp_path_factory):
         "server_home": home,
         "rcs": rcs,
         "argv_hits": argv_hits,
-        "ray_sessions": set(Path("/tmp/ray").glob("session_2*")) - sessions_before,
+        "ray_sessions": set(ray_tmp.glob("session_2*")) - sessions_before,
     }
 
 
@@ -497,7 +505,7 @@ def test_two_runs_at_once_and_the_tracking_password_reaches_no_record(two_runs):
     needle = password.encode()
     places = [root, two_runs["server_home"], Path(os.environ["PREFECT_HOME"])]
     places += sorted(two_runs["ray_sessions"])
-    assert two_runs["ray_sessions"], "no Ray session of the runs was found under /tmp/ray"
+    assert two_runs["ray_sessions"], f"no Ray session of the runs under {_ray_temp_dir()}"
     for place in places:
         assert _files_holding(place, needle) == [], place
     for n in ("a", "b"):
