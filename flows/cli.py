@@ -91,6 +91,10 @@ def eval_(
         str, typer.Option(help="Workspace whose registry resolves models:/ URIs.")
     ] = ".lifecycle",
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Through an endpoint, an lm_eval suite's tokenizer: the model dir."),
+    ] = None,
 ) -> None:
     """Runs one evaluation suite on a model in this process; prints each metric's mean."""
     try:
@@ -108,7 +112,8 @@ def eval_(
     try:
         if model.startswith(("http://", "https://")):
             key = os.environ.get("LIFECYCLE_API_KEY")
-            res = run_suite_on_endpoint(model, cfg.eval_suites[suite], cfg, key)
+            tok_dir = _model_dir(tokenizer, workspace) if tokenizer else None
+            res = run_suite_on_endpoint(model, cfg.eval_suites[suite], cfg, key, tokenizer=tok_dir)
         else:
             res = run_suite(_model_dir(model, workspace), cfg.eval_suites[suite], cfg)
     except ValueError as e:

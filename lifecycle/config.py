@@ -790,12 +790,24 @@ class EvalSuite(_Strict):
 
     `demo`: held-out demo-task pairs; `heldout`: the held-out split of the SFT inputs (the
     records the SFT stage keeps out of training: `sft.data.val_fraction`); `files`: the
-    user's own eval files."""
+    user's own eval files; `lm_eval`: lm-evaluation-harness tasks defined by the task files
+    under `include_path` (lifecycle/eval/harness.py), measured with the metrics those files
+    name (`metrics` is for the other sources)."""
 
-    source: Literal["demo", "heldout", "files"]
+    source: Literal["demo", "heldout", "files", "lm_eval"]
     demo_tasks: list[str] | None = None
     files: list[EvalFile] = Field(default_factory=list)
-    max_items: int = Field(200, ge=1)
+    tasks: list[str] = Field(
+        default_factory=list, description="lm_eval: task names defined under include_path"
+    )
+    include_path: str | None = Field(
+        None, description="lm_eval: a directory of lm-eval task YAML files (local data only)"
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="lm_eval: few-shot examples")
+    apply_chat_template: bool = Field(
+        True, description="lm_eval: render each prompt with the model's chat template"
+    )
+    max_items: int = Field(200, ge=1, description="items per suite (lm_eval: per task)")
     metrics: list[Literal["exact_match", "token_f1", "rouge_l", "answer_nll"]] = Field(
         default_factory=lambda: ["exact_match"], min_length=1
     )
@@ -807,6 +819,9 @@ class EvalSuite(_Strict):
     def _files_for_files(self) -> EvalSuite:
         if (self.source == "files") != bool(self.files):
             raise ValueError("`files` is for (and needed by) source: files")
+        harness = self.source == "lm_eval"
+        if harness != bool(self.tasks) or harness != (self.include_path is not None):
+            raise ValueError("`tasks` and `include_path` are for (and needed by) source: lm_eval")
         return self
 
 

@@ -9,7 +9,8 @@ on them, run on a model directory in-process (transformers, batched).
 
 Sources (lifecycle.config.EvalSuite): `demo` (held-out demo-task pairs), `heldout` (the
 records of `sft.data.inputs` that the SFT stage keeps out of training: the same hash split,
-`lifecycle.data.instruct.is_val`), `files` (chat / Alpaca / prompt-answer records). Each
+`lifecycle.data.instruct.is_val`), `files` (chat / Alpaca / prompt-answer records), and
+`lm_eval` (lm-evaluation-harness task files: lifecycle/eval/harness.py). Each
 item's prompt is rendered with the model's own chat template. Metrics: exact match, token F1
 and ROUGE-L of the greedy answer (lifecycle/eval/metrics.py) and the answer's NLL per token
 given the prompt (`answer_nll`, reported with its perplexity). Per-item scores come back
@@ -91,11 +92,27 @@ ENDPOINT_METRICS = ("exact_match", "token_f1", "rouge_l")
 
 
 def run_suite_on_endpoint(
-    url: str, suite: EvalSuite, cfg: PipelineConfig, api_key: str | None, in_flight: int = 8
+    url: str,
+    suite: EvalSuite,
+    cfg: PipelineConfig,
+    api_key: str | None,
+    in_flight: int = 8,
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """A suite through any OpenAI-compatible server (`url` without /v1; the project's own
     included): greedy chat completions, `in_flight` at a time; the first model it lists.
-    Metrics it cannot measure that way are listed under `unmeasured`."""
+    Metrics it cannot measure that way are listed under `unmeasured`. An lm_eval suite goes
+    through the completions API instead (lifecycle/eval/harness.py), its prompts tokenized
+    with `tokenizer` (the served model's dir)."""
+    if suite.source == "lm_eval":
+        from lifecycle.eval.harness import run_harness_on_endpoint
+
+        if tokenizer is None:
+            raise ValueError(
+                "an lm_eval suite through an endpoint needs the served model's tokenizer "
+                "(--tokenizer MODEL_DIR): lm-eval scores token log-probabilities"
+            )
+        return run_harness_on_endpoint(url, suite, tokenizer, api_key, in_flight)
     import concurrent.futures
 
     import openai
@@ -135,6 +152,10 @@ def run_suite(
 ) -> dict[str, Any]:
     """A suite on a model dir (or PEFT adapter dir) in this process: {"metrics": {name:
     mean}, "n": items, "items": {name: per-item scores}, "outputs": greedy answers}."""
+    if suite.source == "lm_eval":
+        from lifecycle.eval.harness import run_harness
+
+        return run_harness(model_path, suite, device, dtype)
     from lifecycle.eval.generate import generate
     from lifecycle.eval.lm import nll_rows
     from lifecycle.eval.metrics import score_all

@@ -133,6 +133,37 @@ def test_an_eval_suite_through_the_endpoint_scores_as_the_model_in_process(serve
             metric, value, local["metrics"][metric])  # fmt: skip
 
 
+def test_lm_eval_tasks_score_the_same_in_process_and_through_the_endpoint(served, tmp_path):
+    """lm-evaluation-harness on a local multiple-choice and a local generation task (the
+    demo tasks the chain's model was fine-tuned on): in-process on the served model's dir and
+    through the endpoint (`lifecycle eval URL --suite bench --tokenizer DIR`: lm-eval's
+    local-completions against our /v1/completions), within 2 points of each other."""
+    from lifecycle.config import EvalSuite
+    from lifecycle.eval.harness import run_harness, write_demo_tasks
+
+    model_dir = served["stages"]["quantize"]["artifact_uri"]
+    tasks = write_demo_tasks(tmp_path / "tasks", n=100, tasks=["copy", "upper", "first", "last"])
+    spec = {"source": "lm_eval", "tasks": tasks, "include_path": str(tmp_path / "tasks")}
+    local = run_harness(model_dir, EvalSuite.model_validate(spec))
+    env = {k: v for k, v in os.environ.items() if k != "LIFECYCLE_API_KEY"}
+    p = subprocess.run(
+        [LIFECYCLE, "eval", served["url"], "--suite", "bench", "--tokenizer", model_dir,
+         "--json", "--set", f"eval_suites.bench={json.dumps(spec)}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    remote = json.loads(p.stdout)
+    print("endpoint", remote["metrics"], "in-process", local["metrics"])
+    assert remote["n"] == local["n"] == 200
+    assert (
+        set(remote["metrics"]) == set(local["metrics"]) == {"demo_mc/acc", "demo_gen/exact_match"}
+    )
+    # The fine-tuned model knows these tasks: chance is 0.25 on four choices.
+    assert local["metrics"]["demo_mc/acc"] >= 0.5, local["metrics"]
+    for metric, value in remote["metrics"].items():
+        assert abs(value - local["metrics"][metric]) <= 0.02, (metric, value, local["metrics"])
+
+
 def test_serving_metrics_reach_rays_prometheus_endpoint(served):
     from tests.conftest import METRICS_PORT, scrape
 

@@ -124,3 +124,48 @@ def test_suite_config_is_checked():
     raw["eval_suites"] = {"h": {"source": "heldout"}}
     with pytest.raises(ValueError, match=r"eval_suites\.h: source heldout is the held-out split"):
         validate_config(raw)
+
+
+def test_lm_eval_suites_need_their_task_files():
+    with pytest.raises(ValueError, match="`tasks` and `include_path` are for"):
+        validate_config({"eval_suites": {"b": {"source": "lm_eval", "tasks": ["x"]}}})
+    with pytest.raises(ValueError, match="`tasks` and `include_path` are for"):
+        validate_config({"eval_suites": {"d": {"source": "demo", "tasks": ["x"]}}})
+
+
+def test_lm_eval_scores_each_choice_as_the_models_own_likelihoods(tiny_model, tmp_path):
+    """lm-evaluation-harness on the demo tasks' task files (lifecycle/eval/harness.py): each
+    multiple-choice item is right exactly when the model's own log-likelihood of the right
+    choice after the chat-rendered prompt is the highest (computed here without lm-eval), the
+    generation task scores every item, and a task name the files do not define is named."""
+    from lifecycle.config import EvalSuite
+    from lifecycle.data.instruct import render
+    from lifecycle.eval.harness import run_harness, write_demo_tasks
+    from lifecycle.eval.lm import nll_rows
+    from lifecycle.models import load_model, load_tokenizer
+
+    tasks = write_demo_tasks(tmp_path / "tasks", n=24, max_new_tokens=4)
+    suite = EvalSuite(source="lm_eval", tasks=tasks, include_path=str(tmp_path / "tasks"))
+    res = run_harness(tiny_model.artifact_uri, suite)
+    assert res["n"] == 48 and set(res["metrics"]) == {"demo_mc/acc", "demo_gen/exact_match"}
+    assert len(res["items"]["demo_gen/exact_match"]) == 24
+
+    tok = load_tokenizer(tiny_model.artifact_uri)
+    model = load_model(tiny_model.artifact_uri).eval()
+    docs = [json.loads(line) for line in (tmp_path / "tasks" / "demo_mc.jsonl").open()]
+    right = []
+    for d in docs:
+        prompt = render(tok, [{"role": "user", "content": d["prompt"]}], True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        rows = [
+            (tok(prompt + c, add_special_tokens=False)["input_ids"], len(p_ids))
+            for c in d["choices"]
+        ]
+        nll = [s for s, _ in nll_rows(model, rows, tok.pad_token_id)]
+        right.append(float(min(range(4), key=nll.__getitem__) == d["label"]))
+    assert res["items"]["demo_mc/acc"] == right
+    assert res["metrics"]["demo_mc/acc"] == pytest.approx(sum(right) / len(right))
+
+    other = EvalSuite(source="lm_eval", tasks=["demo_mcq"], include_path=str(tmp_path / "tasks"))
+    with pytest.raises(ValueError, match=r"no task \['demo_mcq'\] under .*defines \['demo_gen'"):
+        run_harness(tiny_model.artifact_uri, other)
