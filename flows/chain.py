@@ -223,6 +223,8 @@ class _Chain:
         if res.mlflow_run_id:
             tags[f"lifecycle.stage.{stage}.run_id"] = res.mlflow_run_id
         tracking.set_tags(self.ctx.tracking_uri, self.ctx.parent_run_id, tags)
+        if res.status == "completed" and res.mlflow_run_id:
+            self._report(res)
         if stage in self.requested:
             create_markdown_artifact(
                 stage_markdown(res, self.ctx),
@@ -230,6 +232,25 @@ class _Chain:
                 description=f"{stage}: {res.status}",
             )
         return res
+
+    def _report(self, res: StageResult) -> None:
+        """The stage's before/after chart in its MLflow run (report/before_after.png). A
+        chart that cannot be drawn is a warning, not a failed stage: the model is made."""
+        import tempfile
+
+        from lifecycle.eval.report import before_after, before_after_png
+
+        pairs = before_after(res.metrics)
+        if not pairs:
+            return
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                png = before_after_png(
+                    pairs, f"{res.stage}: before -> after", Path(d) / "before_after.png"
+                )
+                tracking.log_artifact(self.ctx.tracking_uri, res.mlflow_run_id, png, "report")
+        except Exception as e:  # reported; the stage's result stands
+            self.log.warning(f"{res.stage}: before/after chart not recorded: {e!r}")
 
 
 def slug(text: str) -> str:
@@ -253,6 +274,13 @@ def stage_markdown(res: StageResult, ctx: RunContext) -> str:
         lines.append(f"MLflow run: [{res.mlflow_run_id}]({mlflow_run_url(ctx, res.mlflow_run_id)})")
     if res.artifact_uri:
         lines.append(f"Artifact: `{res.artifact_uri}`")
+    from lifecycle.eval.report import before_after, before_after_markdown
+
+    pairs = before_after(res.metrics)
+    if pairs:
+        lines += ["", "## Before -> after", "", before_after_markdown(pairs)]
+        if res.mlflow_run_id and res.status == "completed":
+            lines.append("Chart: `report/before_after.png` in the MLflow run.")
     if res.metrics:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" for k, v in sorted(res.metrics.items())]

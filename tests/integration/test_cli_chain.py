@@ -115,6 +115,17 @@ def test_whole_chain_then_cached_rerun(whole_chain):
     art = Artifact.get("deploy-first")
     assert art is not None and "# deploy: completed" in art.data
     assert stages["deploy"]["mlflow_run_id"] in art.data and "endpoint/exact_match" in art.data
+    # Each stage that measured its input and its output shows both: a table in its Prefect
+    # artifact, a chart in its MLflow run.
+    sft_art = Artifact.get("sft-first").data
+    em = stages["sft"]["metrics"]
+    row = f"| eval/exact_match | {em['eval/exact_match_before']:.4g} | "
+    assert "## Before -> after" in sft_art and row in sft_art, sft_art
+    for stage in ("pretrain", "sft", "rlhf", "quantize"):
+        files = tracking.client(summary["mlflow"]["tracking_uri"]).list_artifacts(
+            stages[stage]["mlflow_run_id"], "report"
+        )
+        assert [f.path for f in files] == ["report/before_after.png"], stage
     # The run's table (stderr) gives each stage's deciding numbers.
     printed = (ws.parent / "cli.log").read_text()
     assert "version 1 promoted" in printed and "fingerprint 8/8" in printed

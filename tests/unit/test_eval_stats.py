@@ -121,3 +121,27 @@ def test_the_compression_gate_judges_each_engine_per_prompt():
     assert "its 95% bound" in verdict["failures"][1] and "ratio <= 1.2" in verdict["failures"][1]
     table = gate_markdown("quantize w8a8", verdict, {})
     assert table.startswith("# quantize w8a8: FAILED") and "| torch | perplexity |" in table
+
+
+def test_before_after_report_pairs_each_metric_and_draws_a_panel_for_each(tmp_path):
+    from matplotlib.image import imread
+
+    from lifecycle.eval.report import before_after, before_after_markdown, before_after_png
+
+    metrics = {
+        "eval/exact_match_before": 0.1, "eval/exact_match_after": 0.7,
+        "eval/loss_before": 3.0, "eval/loss_after": 1.5,
+        "eval/kl_before": float("nan"), "eval/kl_after": 0.2,  # not finite: left out
+        "torch/perplexity_before": 2.0,  # no after: left out
+        "train/loss": 1.0,
+    }  # fmt: skip
+    pairs = before_after(metrics)
+    assert pairs == [("eval/exact_match", 0.1, 0.7), ("eval/loss", 3.0, 1.5)]
+    table = before_after_markdown(pairs)
+    assert "| eval/exact_match | 0.1 | 0.7 | +0.6 |" in table
+    assert "| eval/loss | 3 | 1.5 | -1.5 |" in table
+    png = before_after_png(pairs * 3, "sft", tmp_path / "r" / "chart.png")  # 6 panels
+    height, width, _ = imread(png).shape
+    assert (width, height) == (4 * 320, 2 * 260)  # 4 columns x 2 rows at 100 dpi
+    with pytest.raises(ValueError, match="no before/after metric pairs"):
+        before_after_png([], "x", tmp_path / "none.png")
