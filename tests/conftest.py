@@ -19,6 +19,14 @@ _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
+# Priorities: Ray starts its worker processes at nice 15, so every Ray Train worker, Ray task
+# and Serve replica of the suite (the chain's training included) yielded to any driver,
+# server or CLI process of either pytest worker (measured: the chain's pretraining took 292 s
+# of 10-step stretches that took 0.68 s each at its fastest quarter's pace, 101 s). With 0,
+# Ray leaves its workers at the niceness they inherit: the chain module's worker at 0, the
+# other worker's processes at its +N below (LIFECYCLE_TEST_NICE), as that rule intends.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 # Before anything imports prefect: its ephemeral API keeps its database under PREFECT_HOME.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="lifecycle-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
