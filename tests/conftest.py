@@ -21,8 +21,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 # Priorities: Ray starts its worker processes at nice 15, so every Ray Train worker, Ray task
 # and Serve replica of the suite (the chain's training included) yielded to any driver,
-# server or CLI process of either pytest worker (measured: the chain's pretraining took 292 s
-# of 10-step stretches that took 0.68 s each at its fastest quarter's pace, 101 s). With 0,
+# server or CLI process of either pytest worker (checked: a task under `nice -n 5` ran at 19;
+# docs/benchmarks.md has the suite figures, which this moves between the workers). With 0,
 # Ray leaves its workers at the niceness they inherit: the chain module's worker at 0, the
 # other worker's processes at its +N below (LIFECYCLE_TEST_NICE), as that rule intends.
 os.environ.setdefault("RAY_worker_niceness", "0")
@@ -205,8 +205,7 @@ def whole_chain(tmp_path_factory) -> tuple[Path, dict]:
             # the other worker is busy throughout, and beside it a 2-thread training
             # process made 18 steps/s where a 1-thread one made 43 (bench/threads.py,
             # mixed vs split: its OpenMP threads spin at every barrier while their peer
-            # is descheduled; the chain's pretraining lost 190 s that way in one suite run).
-            # Alone, 2 threads gained 5% on this tiny model (45 vs 43 steps/s).
+            # is descheduled). Alone, 2 threads gained 5% on this tiny model (45 vs 43).
             rc, summary = run_cli(ws, "--run-name", "first")
             assert rc == 0, summary
             done.write_text(json.dumps({"workspace": str(ws), "summary": summary}))

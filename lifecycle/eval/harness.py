@@ -127,18 +127,17 @@ def run_harness_on_endpoint(
     import httpx
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
+    from lifecycle.archs import read_facts
     from lifecycle.models import load_tokenizer
 
     base = url.rstrip("/")
-    header = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    header = {"Authorization": f"Bearer {api_key or 'none'}"}
     r = httpx.get(f"{base}/v1/models", headers=header, timeout=60)
     if r.status_code != 200:
         raise ValueError(f"{base}/v1/models answered {r.status_code}: {r.text[:200]}")
     model_id = r.json()["data"][0]["id"]
     tok = load_tokenizer(str(tokenizer_dir))
-    context = json.loads((Path(tokenizer_dir) / "config.json").read_text()).get(
-        "max_position_embeddings", 2048
-    )
+    context = read_facts(tokenizer_dir).max_position_embeddings  # the model's own config
     lm = LocalCompletionsAPI(
         base_url=f"{base}/v1/completions",
         model=model_id,
@@ -148,7 +147,7 @@ def run_harness_on_endpoint(
         num_concurrent=in_flight,
         max_retries=1,
         max_length=context,
-        header={"Authorization": f"Bearer {api_key or 'none'}"},
+        header=header,
     )
     lm.tokenizer = tok  # the project's loader (the chat template it reads), not AutoTokenizer
     res = _evaluate(lm, suite)
@@ -209,13 +208,15 @@ def write_demo_tasks(
     prefix: str = "demo",
     max_new_tokens: int = 12,
 ) -> list[str]:
-    """Writes `<prefix>_mc` (the right answer among four: it and three of the same task's
-    answers to other held-out words) and `<prefix>_gen` (the answer, greedy, exact match)
-    over `n` held-out demo items into `out` (task YAMLs + JSONL); returns the task names."""
+    """Writes `<prefix>_mc` (the right answer among four: it and the answers of three other
+    held-out items, any task) and `<prefix>_gen` (the answer, greedy, exact match) over `n`
+    held-out demo items into `out` (task YAMLs + JSONL); returns the task names."""
     import random
 
     from lifecycle.data import demo
 
+    if n < 4:
+        raise ValueError(f"write_demo_tasks: n={n}; four choices need at least 4 items")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     examples = demo.instruction_examples(n, seed, tasks, True)
